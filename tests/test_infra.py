@@ -1,0 +1,176 @@
+"""Training infrastructure: config, schedules, groups, EMA, checkpoints, resume, DDP."""
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "tests" / "toy_train.py")
+
+
+@dataclasses.dataclass
+class Cfg(common.TrainConfig):
+    lr: float = 1e-3  # peak learning rate
+    crops: tuple = (2, 4)  # global, local crops
+    use_thing: bool = False  # switch the thing on
+
+
+def test_config_precedence_help_and_types(tmp_path):
+    presets = {"tiny": dict(lr=5e-3, steps=10), "small": dict(lr=1e-4)}
+    cfg = common.parse_config(Cfg, presets, "rec", ["--out_dir", str(tmp_path)])
+    assert cfg.lr == 5e-3 and cfg.steps == 10 and cfg.out_dir == str(tmp_path)
+    cfg = common.parse_config(Cfg, presets, "rec", ["--preset", "small", "--lr", "0.2", "--use_thing", "--crops", "3,5"])
+    assert cfg.lr == 0.2 and cfg.steps == 1000 and cfg.use_thing is True and cfg.crops == (3, 5)
+    assert cfg.out_dir == "runs/rec"
+    helps = common._field_help(Cfg)
+    assert helps["lr"] == "peak learning rate" and helps["init"].startswith("start the backbone")
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, presets, "rec", ["--lr", "abc"])
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, presets, "rec", ["--no_such_flag", "1"])
+    with pytest.raises(SystemExit):
+        common.parse_config(Cfg, presets, "rec", ["--preset", "huge"])
+
+
+def test_schedules_hand_values():
+    assert common.cosine_schedule(0, 110, 1.0, 0.0, warmup=10) == 0.0
+    assert common.cosine_schedule(5, 110, 1.0, 0.0, warmup=10) == pytest.approx(0.5)
+    assert common.cosine_schedule(10, 110, 1.0, 0.0, warmup=10) == pytest.approx(1.0)
+    assert common.cosine_schedule(60, 110, 1.0, 0.0, warmup=10) == pytest.approx(0.5)
+    assert common.cosine_schedule(110, 110, 1.0, 0.1, warmup=10) == pytest.approx(0.1)
+    # truncated at 80%: the last step sits at 0.8 of the cosine
+    assert common.cosine_schedule(100, 100, 1.0, 0.0, truncate=0.8) == pytest.approx(0.5 * (1 + math.cos(0.8 * math.pi)))
+    assert common.warmup_constant(3, 2.0, warmup=4) == pytest.approx(1.5)
+    assert common.warmup_constant(400, 2.0, warmup=4) == 2.0
+    assert common.linear_ramp(5, 10, 10, 1.0, 0.5) == 1.0
+    assert common.linear_ramp(15, 10, 10, 1.0, 0.5) == pytest.approx(0.75)
+    assert common.linear_ramp(25, 10, 10, 1.0, 0.5) == 0.5
+
+
+def test_param_groups_decay_and_layerwise_lr():
+    m = common.ViT(embed_dim=16, depth=3, num_heads=2, n_registers=1)
+    groups = common.param_groups(m, layer_decay=0.5, patch_embed_lr_mult=0.2)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    for n in ("blocks.0.attn.qkv.bias", "blocks.1.norm1.weight", "blocks.2.ls1.gamma", "cls_token", "storage_tokens",
+              "mask_token", "norm.bias"):
+        assert by_param[id(named[n])]["wd_mult"] == 0.0, n
+    assert by_param[id(named["blocks.0.attn.qkv.weight"])]["wd_mult"] == 1.0
+    assert by_param[id(named["blocks.2.mlp.fc1.weight"])]["lr_mult"] == pytest.approx(0.5)  # depth+1-3 = 1
+    assert by_param[id(named["blocks.0.mlp.fc1.weight"])]["lr_mult"] == pytest.approx(0.125)
+    assert by_param[id(named["patch_embed.proj.weight"])]["lr_mult"] == pytest.approx(0.0625 * 0.2)
+    assert by_param[id(named["norm.weight"])]["lr_mult"] == pytest.approx(1.0)
+    opt = common.adamw(groups, lr=0.0)
+    common.set_lr_wd(opt, 1.0, 0.1)
+    g = by_param[id(named["blocks.0.mlp.fc1.weight"])]
+    assert g["lr"] == pytest.approx(0.125) and g["weight_decay"] == pytest.approx(0.1)
+
+
+def test_ema_update_hand_value():
+    t, s = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        s.weight.copy_(torch.tensor([[3.0, -2.0]]))
+    common.ema_update(t, s, 0.9)
+    assert torch.allclose(t.weight, torch.tensor([[1.2, 1.6]]))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = common.ViT(embed_dim=16, depth=1, num_heads=2, n_registers=1)
+    head = torch.nn.Linear(16, 3)
+    opt = torch.optim.AdamW(list(m.parameters()) + list(head.parameters()), lr=0.1)
+    m(torch.randn(2, 3, 32, 32))["cls"].sum().backward()
+    opt.step()
+    common.save_checkpoint(tmp_path, 7, {"student": m, "head": head}, {"opt": opt}, extra={"center": torch.ones(3)})
+    ref = torch.rand(3)
+    ckpt = common.latest_checkpoint(tmp_path)
+    assert ckpt.name == "step_0000007"
+    m2, head2 = common.ViT(embed_dim=16, depth=1, num_heads=2, n_registers=1), torch.nn.Linear(16, 3)
+    opt2 = torch.optim.AdamW(list(m2.parameters()) + list(head2.parameters()), lr=0.1)
+    state = common.load_checkpoint(ckpt, {"student": m2, "head": head2}, {"opt": opt2})
+    assert state["step"] == 7 and torch.equal(state["extra"]["center"], torch.ones(3))
+    assert torch.equal(torch.rand(3), ref)  # RNG restored to its state at save time
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    # the student inside the checkpoint is readable as a backbone
+    b = common.load_backbone(str(ckpt / "weights.safetensors"), prefix="student.")
+    assert torch.equal(b.cls_token, m.cls_token)
+    # a checkpoint of another architecture is refused, naming the key
+    m3 = common.ViT(embed_dim=24, depth=1, num_heads=2, n_registers=1)
+    with pytest.raises(ValueError, match="weights.safetensors.*cls_token"):
+        common.load_checkpoint(ckpt, {"student": m3, "head": head2}, {"opt": opt2})
+
+
+def read_losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def run_toy(args, nproc=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TOY]
+           if nproc else [sys.executable, TOY]) + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_resume_after_kill_continues_with_identical_losses(tmp_path):
+    ref = run_toy(["--out_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    ref_losses = read_losses(tmp_path / "ref")
+    assert sorted(ref_losses) == list(range(1, 9))
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, TOY, "--out_dir", str(run_dir), "--sleep", "0.4"],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    ckpt = common.latest_checkpoint(run_dir)
+    stopped_at = int(ckpt.name.split("_")[1])
+    assert 2 <= stopped_at < 8, "the signal should stop the run mid-way"
+    # a second launch without --resume refuses to overwrite the run
+    again = run_toy(["--out_dir", str(run_dir)])
+    assert again.returncode != 0 and "--resume" in again.stderr
+    res = run_toy(["--out_dir", str(run_dir), "--resume"])
+    assert res.returncode == 0, res.stderr
+    losses = read_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9))
+    for s in range(1, 9):
+        assert losses[s] == pytest.approx(ref_losses[s], rel=1e-6, abs=1e-7), s
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    res = run_toy(["--out_dir", str(tmp_path), "--nan_at", "3", "--ckpt_every", "1"])
+    assert res.returncode != 0
+    assert "non-finite loss before step 4" in res.stderr
+    ckpt = common.latest_checkpoint(tmp_path)
+    assert ckpt.name == "step_0000003"  # the last good state, not the poisoned one
+    b = common.load_backbone(str(ckpt / "weights.safetensors"), prefix="student.")
+    assert all(torch.isfinite(v).all() for v in b.state_dict().values())
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    one = run_toy(["--out_dir", str(tmp_path / "one"), "--steps", "3"], nproc=1)
+    two = run_toy(["--out_dir", str(tmp_path / "two"), "--steps", "3"], nproc=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a = common.load_backbone(str(tmp_path / "one" / "backbone.safetensors"))
+    b = common.load_backbone(str(tmp_path / "two" / "backbone.safetensors"))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    l1, l2 = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
+    for s in l1:  # logged loss is the mean over ranks = the loss of the global batch
+        assert l1[s] == pytest.approx(l2[s], rel=1e-5)
