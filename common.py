@@ -205,8 +205,9 @@ class ViT(nn.Module):
             (fused-encoder MIM, iBOT). Applied before `keep`.
       layers: block indices whose outputs to return (normed by the final norm, as the
             official get_intermediate_layers does).
-    Returns a dict: cls (B, D), registers (B, R, D), patches (B, n, D) (all normed),
-    tokens (B, 1+R+n, D) before the final norm, layers {i: (B, 1+R+n, D)}, grid (h, w).
+    Returns a dict: cls (B, D), registers (B, R, D), patches (B, n, D), normed (B, 1+R+n, D)
+    (all after the final norm), tokens (B, 1+R+n, D) before the final norm,
+    layers {i: (B, 1+R+n, D)}, grid (h, w).
     """
 
     def __init__(self, *, embed_dim=384, depth=12, num_heads=6, patch_size=16, in_chans=3,
@@ -271,7 +272,7 @@ class ViT(nn.Module):
                 outs[i] = self.norm(x)
         normed = self.norm(x)
         return dict(cls=normed[:, 0], registers=normed[:, 1:self.n_prefix], patches=normed[:, self.n_prefix:],
-                    tokens=x, layers=outs, grid=(h, w))
+                    normed=normed, tokens=x, layers=outs, grid=(h, w))
 
 
 def vit(name: str, **kw) -> ViT:

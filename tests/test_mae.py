@@ -1,0 +1,63 @@
+"""MAE essentials against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+import common
+import mae
+
+
+def test_masking_keeps_exact_count_and_restores_order():
+    B, N = 3, 20
+    noise = torch.rand(B, N)
+    ids_keep, ids_restore, mask = mae.random_masking(B, N, 0.75, noise)
+    assert ids_keep.shape == (B, 5)  # int(20 * 0.25)
+    assert torch.equal(mask.sum(1), torch.full((B,), 15.0))
+    # the kept ids are the 5 smallest noise values, and exactly those are unmasked
+    for b in range(B):
+        assert set(ids_keep[b].tolist()) == set(noise[b].argsort()[:5].tolist())
+        assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(ids_keep[b].tolist())
+    # ids_restore inverts the shuffle
+    shuffled = torch.arange(N).expand(B, N).gather(1, noise.argsort(1))
+    assert torch.equal(shuffled.gather(1, ids_restore), torch.arange(N).expand(B, N))
+    # a ratio that does not divide evenly floors the kept count like the official code
+    assert mae.random_masking(1, 10, 0.75)[0].shape == (1, 2)
+
+
+def test_loss_hand_computed_on_masked_patches_only():
+    pred = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])
+    mask = torch.tensor([[1.0, 0.0]])
+    assert mae.mae_loss(pred, target, mask).item() == pytest.approx(5.0)  # (1 + 9) / 2
+    assert mae.mae_loss(pred, target, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(4.0)
+    # unmasked patches do not move the loss whatever the prediction
+    pred2 = pred.clone()
+    pred2[0, 1] = 100.0
+    assert mae.mae_loss(pred2, target, mask).item() == pytest.approx(5.0)
+
+
+def test_norm_pix_targets_hand_values():
+    t = mae.patch_targets(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]), norm_pix=True)
+    # patch [1, 3]: mean 2, unbiased var 2 -> -+1/sqrt(2); a flat patch -> all zeros
+    assert t[0, 0].tolist() == pytest.approx([-1 / math.sqrt(2 + 1e-6), 1 / math.sqrt(2 + 1e-6)])
+    assert t[0, 1].tolist() == [0.0, 0.0]
+
+
+def test_encoder_receives_only_visible_tokens():
+    enc = common.ViT(embed_dim=32, depth=2, num_heads=2, n_registers=4)
+    dec = mae.MAEDecoder(32, enc.n_prefix, dim=16, depth=1, heads=2, patch_pixels=256)
+    model = mae.MAE(enc, dec)
+    seen = []
+    enc.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    img = torch.rand(2, 1, 64, 64)
+    ids_keep, ids_restore, mask = mae.random_masking(2, 16, 0.75)
+    pred = model(img, ids_keep, ids_restore)
+    assert seen == [torch.Size([2, 1 + 4 + 4, 32])]  # cls + 4 registers + 4 visible of 16
+    assert pred.shape == (2, 16, 256)
+    # the prediction at a masked position does not depend on that patch's pixels
+    img2 = img.clone()
+    masked = int(torch.nonzero(mask[0]).flatten()[0])
+    r, c = divmod(masked, 4)
+    img2[0, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 0.0
+    assert torch.allclose(model(img2, ids_keep, ids_restore)[0], pred[0], atol=1e-5)
