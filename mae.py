@@ -195,8 +195,8 @@ def main(argv=None):
     for step in range(start, cfg.steps):
         img = next(batches)["image"].to(dev, non_blocking=True)  # (B, 1, H, W), 1 = paper
         B = img.shape[0]
-        common.set_lr_wd(opt, common.cosine_schedule(step, cfg.steps, lr_peak, warmup=cfg.warmup_steps),
-                         cfg.weight_decay)
+        lr = common.cosine_schedule(step, cfg.steps, lr_peak, warmup=cfg.warmup_steps)
+        common.set_lr_wd(opt, lr, cfg.weight_decay)
         noise = torch.rand(B, N, generator=common.step_generator(cfg.seed, step, run.dist.rank, dev), device=dev)
         ids_keep, ids_restore, mask = random_masking(B, N, cfg.mask_ratio, noise)
         pixels = common.patchify(img, p)  # (B, N, 256)
@@ -215,7 +215,7 @@ def main(argv=None):
             trivial = mae_loss(mean_pred, target, weight)
             per_patch = ((pred.float() - target) ** 2).mean(-1) * mask
             blank_share = (per_patch * (1 - has_ink)).sum() / per_patch.sum().clamp(min=1e-12)
-        run.step(step, models, {"opt": opt}, loss=loss, trivial=trivial, blank_share=blank_share)
+        run.step(step, models, {"opt": opt}, loss=loss, trivial=trivial, blank_share=blank_share, lr=lr)
         if run.stopped:
             break
     run.finish(encoder)
