@@ -61,3 +61,44 @@ def test_encoder_receives_only_visible_tokens():
     r, c = divmod(masked, 4)
     img2[0, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 0.0
     assert torch.allclose(model(img2, ids_keep, ids_restore)[0], pred[0], atol=1e-5)
+
+
+def run_mae(args, nproc=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
+           else [sys.executable]) + [str(root / "mae.py"), "--preset", "tiny", "--img_size", "64", "--batch_size", "4",
+                                     "--num_workers", "0", "--log_every", "1", "--decoder_dim", "32",
+                                     "--decoder_heads", "2"] + args
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def losses(run_dir):
+    import json
+    from pathlib import Path
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_smoke_resume_and_two_processes(tmp_path):
+    ref = tmp_path / "ref"
+    run_mae(["--steps", "4", "--out_dir", str(ref)])
+    rows = losses(ref)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["trivial"] > 0 and 0 <= r["blank_share"] <= 1 for r in rows)
+    enc = common.load_backbone(str(ref / "backbone.safetensors"))
+    assert enc.embed_dim == 192
+    # stop after 2 steps, resume to 4: identical losses
+    part = tmp_path / "part"
+    run_mae(["--steps", "2", "--out_dir", str(part)])
+    run_mae(["--steps", "4", "--out_dir", str(part), "--resume"])
+    assert [r["loss"] for r in losses(part)] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    # continual pretraining from the exported backbone, on two gloo processes
+    two = tmp_path / "two"
+    run_mae(["--steps", "2", "--out_dir", str(two), "--init", str(ref / "backbone.safetensors")], nproc=2)
+    assert len(losses(two)) == 2
+    assert (two / "backbone.safetensors").is_file()
