@@ -257,13 +257,20 @@ class ViT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
-        tokens = self.patch_embed(x)  # (B, h*w, D)
-        if mask is not None:
-            tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
         coords = grid_coords(h, w, x.device)  # (h*w, 2)
-        if keep is not None:
-            tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, n_keep, D)
+        if keep is not None and mask is None:  # embed the visible patches only
+            pixels = patchify(x, p)  # (B, h*w, p*p*C) as (py, px, c)
+            pixels = pixels.gather(1, keep[..., None].expand(-1, -1, pixels.shape[-1]))  # (B, n_keep, p*p*C)
+            weight = self.patch_embed.proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p*p*C) same order
+            tokens = F.linear(pixels, weight, self.patch_embed.proj.bias)  # (B, n_keep, D)
             coords = coords[keep]  # (B, n_keep, 2)
+        else:
+            tokens = self.patch_embed(x)  # (B, h*w, D)
+            if mask is not None:
+                tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+            if keep is not None:
+                tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, n_keep, D)
+                coords = coords[keep]  # (B, n_keep, 2)
         rope = self.rope_embed(coords)
         # `+ 0 * mask_token` (as DINOv3 does) keeps the mask token in the graph when unused, so
         # DDP sees every parameter receive a gradient
@@ -434,8 +441,9 @@ def setup_distributed() -> DistInfo:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # share the cores between local ranks
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // local_world)
+        torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, device)

@@ -56,14 +56,15 @@ class MAEConfig(common.TrainConfig):
     scale_min: float = 0.8  # crop scale jitter: a region of side img_size/scale is resampled
     scale_max: float = 1.25  #   to img_size, for scale in [scale_min, scale_max]
     tiles_per_sheet: int = 16  # consecutive crops cut from one rendered/decoded sheet
+    rope_rescale: float = 0.0  # RoPE coordinate-rescale jitter of the encoder in [1/r, r] (0: off)
 
 
 PRESETS = {
     # 2-core CPU, <= 20 min. Needed to learn anything at this budget (see the header):
     # plain-pixel loss, ink-heavier crops and a high lr with few warmup steps.
-    "tiny": dict(arch="vit_tiny", img_size=224, batch_size=64, steps=1200, blr=1.5e-4 * 16, warmup_steps=60,
-                 mask_ratio=0.75, norm_pix_loss=True, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                 min_ink=0.05, num_workers=1, log_every=20, ckpt_every=200),
+    "tiny": dict(arch="vit_tiny", img_size=128, rope_rescale=2.0, batch_size=64, steps=1500, blr=6e-3,
+                 warmup_steps=60, decoder_dim=128, decoder_depth=2, decoder_heads=4, min_ink=0.05,
+                 num_workers=1, log_every=20, ckpt_every=250),
     # the paper's recipe scaled to ViT-S/B (batch 4096 over 800 epochs in the paper)
     "small": dict(arch="vit_small", batch_size=1024, steps=100_000, warmup_steps=5_000, num_workers=8,
                   log_every=50, ckpt_every=2000),
@@ -174,7 +175,8 @@ def main(argv=None):
     cfg = common.parse_config(MAEConfig, PRESETS, "mae", argv, __doc__)
     run = common.Run(cfg, "mae")
     dev, p = run.device, 16
-    encoder = common.load_backbone(cfg.init) if cfg.init else common.vit(cfg.arch)
+    rescale = {"rope_rescale": cfg.rope_rescale or None}
+    encoder = common.load_backbone(cfg.init, **rescale) if cfg.init else common.vit(cfg.arch, **rescale)
     decoder = MAEDecoder(encoder.embed_dim, encoder.n_prefix, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                          heads=cfg.decoder_heads, patch_pixels=p * p)
     model = MAE(encoder, decoder).to(dev)
