@@ -4,7 +4,8 @@
       forward+backward of the shared ViT (img/s, ms/step, peak memory; FLOPs counted with
       torch's FlopCounterMode, and MFU on GPU against --peak_tflops).
   python scripts/bench.py recipe mae --preset tiny --steps 40
-      runs the recipe's real command line for a few steps (data pipeline included) and reads
+      runs the recipe's real command line for a few steps (data pipeline included; further
+      flags such as --batch_size go to the recipe) and reads
       its metrics.jsonl: ms/step and img/s of the steady-state logging windows.
 Both print a Markdown row and append a JSON record to --json (default: none).
 """
@@ -100,10 +101,12 @@ def main():
     r.add_argument("--preset", default="tiny")
     r.add_argument("--steps", type=int, default=40)
     r.add_argument("--log_every", type=int, default=10)
-    r.add_argument("extra", nargs=argparse.REMAINDER, help="further recipe flags")
     for q in (b, r):
         q.add_argument("--json", default="", help="append the record to this JSON-lines file")
-    a = p.parse_args()
+    a, extra = p.parse_known_args()  # flags bench does not know go to the recipe
+    if a.what == "backbone" and extra:
+        p.error(f"unknown arguments {extra}")
+    a.extra = extra
     rec = bench_backbone(a) if a.what == "backbone" else bench_recipe(a)
     rec.update(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, cpu_count=os.cpu_count())
     keys = [k for k in rec if k not in ("date",)]
