@@ -180,6 +180,10 @@ def make_view(cfg: MAEConfig):
 
 def main(argv=None):
     cfg = common.parse_config(MAEConfig, PRESETS, "mae", argv, __doc__)
+    if cfg.loss_on not in ("all", "ink"):
+        raise SystemExit(f"--loss_on must be 'all' or 'ink', got {cfg.loss_on!r}")
+    if cfg.img_size % 16:
+        raise SystemExit(f"--img_size must be a multiple of the patch size 16, got {cfg.img_size}")
     run = common.Run(cfg, "mae")
     dev, p = run.device, 16
     rescale = {"rope_rescale": cfg.rope_rescale or None}
