@@ -590,7 +590,7 @@ def parse_config(cls, presets: dict[str, dict], recipe: str, argv: Sequence[str]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = type(default)
-        h = f"{helps.get(f.name, '')} (default {default!r})"
+        h = f"{helps.get(f.name, '')} (default {default!r})".replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=h)
         elif kind in (list, tuple):

@@ -42,6 +42,16 @@ def test_config_precedence_help_and_types(tmp_path):
         common.parse_config(Cfg, presets, "rec", ["--preset", "huge"])
 
 
+def test_help_survives_percent_in_a_comment(capsys):
+    @dataclasses.dataclass
+    class Pct(common.TrainConfig):
+        ratio: float = 0.65  # masked share, 65% of the patches
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_config(Pct, {"tiny": {}}, "rec", ["--help"])
+    assert exit_info.value.code == 0 and "65% of the patches" in capsys.readouterr().out
+
+
 def test_schedules_hand_values():
     assert common.cosine_schedule(0, 110, 1.0, 0.0, warmup=10) == 0.0
     assert common.cosine_schedule(5, 110, 1.0, 0.0, warmup=10) == pytest.approx(0.5)
