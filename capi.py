@@ -15,7 +15,7 @@ pixels, no tokenizer, no hand-made augmentation. The teacher's encoder is export
 finds the EMA model ahead of the student throughout training).
 
 Commands:
-  CPU, tiny (about 12-15 min on 2 idle cores):  python capi.py --preset tiny
+  CPU, tiny (4000 steps x 290 ms = about 19 min on 2 idle cores):  python capi.py --preset tiny
   one GPU, ViT-S:  torchrun --standalone --nproc_per_node=1 capi.py --preset small --data DIR
   8 GPUs, ViT-B:   torchrun --standalone --nproc_per_node=8 capi.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -131,6 +131,9 @@ PRESETS = {
     #   faster (-0.069 vs -0.065 at step 400), for ~15% less time per step.
     # - lr 2e-3 with momentum 1 - 2 lr (0.996 at the peak: the paper's 100k-step ablations), warmup
     #   100 steps (2.5%, not 10%), no drop-path.
+    # Full run (2026-11-23): loss 0.79 of `trivial` over the last 200 steps, target entropy 0.94,
+    # 32/32 prototypes in use; probe best-block mIoU 16.3 vs 14.7 +- 0.1 for random init (+1.6,
+    # short of the +2 the project asks for; ink-class mIoU 12.5 vs 8.5).
     "tiny": dict(arch="vit_tiny", img_size=64, rope_rescale=4.0, n_registers=4, batch_size=32, steps=4000,
                  warmup_steps=100, n_prototypes=32, pred_subsample=1.0, clustering_lr_mult=2.0, lr=2e-3,
                  momentum_lr_mult=2.0, drop_path=0.0, min_ink=0.05, num_workers=1, log_every=50, ckpt_every=500),

@@ -12,7 +12,7 @@ backbone that gets evaluated; its global representation is the average of its pa
 (`global_features`): no loss trains the cls token as a summary.
 
 Commands:
-  CPU, tiny (about 18 min on 2 cores):  python ijepa.py --preset tiny
+  CPU, tiny (1800 steps x 661 ms = about 20 min on 2 idle cores, bench.py):  python ijepa.py --preset tiny
   one GPU, ViT-S:                       torchrun --standalone --nproc_per_node=1 ijepa.py --preset small --data DIR
   8 GPUs, ViT-B:                        torchrun --standalone --nproc_per_node=8 ijepa.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \

@@ -1,0 +1,64 @@
+"""Learning-signal summary of a run: the recipe's objective against its trivial solution.
+
+  python scripts/learning_signal.py runs/ijepa runs/capi runs/ibot_dino
+      for each run dir, the means of its logged metrics over the first and last windows
+      (default: the first 100 and the last 200 steps), chosen per recipe:
+        mae, ijepa, capi   loss vs `trivial` (predict the patch mean / the mean target /
+                           the prototype marginal) and their ratio;
+        ibot_dino, dinov3_gram   the DINO loss, teacher entropy and batch entropy against
+                           ln K (uniform teacher), plus the KL teacher || student.
+Prints a Markdown table (one row per run).
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+PER_RECIPE = {
+    "mae": ["loss", "trivial"],
+    "ijepa": ["loss", "trivial", "pred_std", "target_std"],
+    "capi": ["loss", "trivial", "target_entropy", "prototypes_in_use"],
+    "ibot_dino": ["dino", "ibot", "teacher_entropy", "batch_entropy", "kl"],
+    "dinov3_gram": ["dino", "ibot", "gram", "teacher_entropy", "batch_entropy", "kl"],
+}
+
+
+def window_means(rows, lo, hi, keys):
+    picked = [r for r in rows if lo < r["step"] <= hi]
+    return {k: sum(r[k] for r in picked) / len(picked) for k in keys if picked and all(k in r for r in picked)}
+
+
+def summarise(run_dir: Path, first: int, last: int) -> str:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return f"| {run_dir} | not a run dir (no metrics.jsonl) | |"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    argv = json.loads((run_dir / "run_info.json").read_text()).get("argv", "")
+    recipe = Path(argv.split()[0]).stem if argv else run_dir.name  # the script that wrote the run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    if not rows:
+        return f"| {run_dir} | no logged steps | |"
+    end = rows[-1]["step"]
+    keys = PER_RECIPE.get(recipe, ["loss"])
+    a, b = window_means(rows, 0, first, keys), window_means(rows, end - last, end, keys)
+    cells = [f"{k} {a.get(k, float('nan')):.3g} -> {b[k]:.3g}" for k in keys if k in b]  # e.g. no ibot in dino
+    if "trivial" in b:
+        cells.append(f"loss / trivial (last {last}) {b['loss'] / b['trivial']:.2f}")
+    if "n_prototypes" in cfg and recipe in ("ibot_dino", "dinov3_gram", "capi"):
+        cells.append(f"ln K {math.log(cfg['n_prototypes']):.2f}")
+    name = run_dir.name + (f" ({cfg['variant']})" if "variant" in cfg else "")
+    return f"| {name} | {end} | " + "; ".join(cells) + " |"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run dirs (with config.json and metrics.jsonl)")
+    ap.add_argument("--first", type=int, default=100, help="first window: steps 1..first")
+    ap.add_argument("--last", type=int, default=200, help="last window: the last this many steps")
+    a = ap.parse_args()
+    print(f"| run | steps | first {a.first} steps -> last {a.last} steps (means) |\n|---|---|---|")
+    for run in a.runs:
+        print(summarise(run, a.first, a.last))
+
+
+if __name__ == "__main__":
+    main()
