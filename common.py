@@ -2455,6 +2455,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers render/decode; intra-op threads would only oversubscribe
+    # Ctrl-C and schedulers signal the whole process group: a worker killed by it would crash the
+    # main process before Run could write its checkpoint. Workers ignore them; the main process
+    # stops cleanly and shuts them down (they also exit when the main process is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, *, start=0, rank=0, world_size=1, num_workers=2, seed=0):

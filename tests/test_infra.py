@@ -184,3 +184,25 @@ def test_ddp_two_processes_equal_one(tmp_path):
     l1, l2 = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
     for s in l1:  # logged loss is the mean over ranks = the loss of the global batch
         assert l1[s] == pytest.approx(l2[s], rel=1e-5)
+
+
+def test_signal_to_the_whole_process_group_still_checkpoints(tmp_path):
+    # Ctrl-C and cluster schedulers signal every process of the job, DataLoader workers included;
+    # a worker dying first used to crash the main process before it could write its checkpoint
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "mae.py"), "--preset", "tiny",
+                                 "--steps", "200", "--batch_size", "4", "--img_size", "64", "--num_workers", "1",
+                                 "--log_every", "2", "--ckpt_every", "1000", "--out_dir", str(run_dir)],
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0, log.read_text()[-2000:]
+    stopped_at = int(common.latest_checkpoint(run_dir).name.split("_")[1])
+    assert 2 <= stopped_at < 200
