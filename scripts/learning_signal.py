@@ -28,15 +28,17 @@ def window_means(rows, lo, hi, keys):
     return {k: sum(r[k] for r in picked) / len(picked) for k in keys if picked and all(k in r for r in picked)}
 
 
-def summarise(run_dir: Path, first: int, last: int) -> str:
+def signal(run_dir: Path, first: int = 100, last: int = 200) -> dict:
+    """The run's objective vs its trivial solution: window means of the recipe's metrics
+    (first `first` steps, last `last` steps) and a one-line summary of them."""
     if not (run_dir / "metrics.jsonl").is_file():
-        return f"| {run_dir} | not a run dir (no metrics.jsonl) | |"
+        return dict(steps=0, summary="not a run dir (no metrics.jsonl)")
     cfg = json.loads((run_dir / "config.json").read_text())
     argv = json.loads((run_dir / "run_info.json").read_text()).get("argv", "")
     recipe = Path(argv.split()[0]).stem if argv else run_dir.name  # the script that wrote the run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     if not rows:
-        return f"| {run_dir} | no logged steps | |"
+        return dict(recipe=recipe, steps=0, summary="no logged steps")
     end = rows[-1]["step"]
     keys = PER_RECIPE.get(recipe, ["loss"])
     a, b = window_means(rows, 0, first, keys), window_means(rows, end - last, end, keys)
@@ -45,8 +47,13 @@ def summarise(run_dir: Path, first: int, last: int) -> str:
         cells.append(f"loss / trivial (last {last}) {b['loss'] / b['trivial']:.2f}")
     if "n_prototypes" in cfg and recipe in ("ibot_dino", "dinov3_gram", "capi"):
         cells.append(f"ln K {math.log(cfg['n_prototypes']):.2f}")
-    name = run_dir.name + (f" ({cfg['variant']})" if "variant" in cfg else "")
-    return f"| {name} | {end} | " + "; ".join(cells) + " |"
+    return dict(recipe=recipe, variant=cfg.get("variant"), steps=end, first=a, last=b, summary="; ".join(cells))
+
+
+def summarise(run_dir: Path, first: int, last: int) -> str:
+    s = signal(run_dir, first, last)
+    name = run_dir.name + (f" ({s['variant']})" if s.get("variant") else "")
+    return f"| {name} | {s['steps']} | {s['summary']} |"
 
 
 def main():
