@@ -74,8 +74,24 @@ def entry_command(name: str, a) -> tuple[list[str], Path]:
     flags = [f.format(**{f"run:{n}": str(Path(a.runs_dir) / n) for n in ENTRIES}) for f in flags]
     base = ["--preset", a.preset, "--data", a.data, "--out_dir", str(run_dir)] + flags
     batch = recipe_config(recipe, base).batch_size
-    steps = math.ceil(a.images / batch)
-    return shlex.split(a.launch) + [f"{recipe}.py"] + base + ["--steps", str(steps)], run_dir
+    argv = base + ["--steps", str(math.ceil(a.images / batch))]
+    return shlex.split(a.launch) + [f"{recipe}.py"] + argv, run_dir
+
+
+def check_run_dir(name: str, cmd: list[str], run_dir: Path):
+    """A run dir left by an earlier sitting (or moved in) must hold the run this entry plans:
+    the same resolved config, whatever the command line that started it."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return
+    recipe_file = next(c for c in cmd if c.endswith(".py"))
+    planned = dataclasses.asdict(recipe_config(Path(recipe_file).stem, cmd[cmd.index(recipe_file) + 1:]))
+    got = json.loads(saved.read_text())
+    diff = {k: (got.get(k), v) for k, v in planned.items() if k not in ("out_dir", "resume")
+            and json.dumps(got.get(k)) != json.dumps(v)}
+    if diff:
+        raise SystemExit(f"{run_dir} holds a different run than entry {name} plans (saved, planned): {diff}; "
+                         "move it away or pass another --runs_dir")
 
 
 def write_json(path: Path, obj: dict):
@@ -93,6 +109,7 @@ def train(name: str, a, res: Path) -> dict:
     for dep in ENTRIES[name][2]:
         if not (res / f"{dep}.train.json").is_file():
             raise SystemExit(f"{name} needs {dep} first (run it, or drop {name} from --only)")
+    check_run_dir(name, cmd, run_dir)
     t0 = time.time()
     if not (run_dir / "backbone.safetensors").is_file():
         resume = common.latest_checkpoint(run_dir) is not None
@@ -132,8 +149,8 @@ def probe(name: str, ckpt: str, a, res: Path) -> dict:
           flush=True)
     r = eval_probe.main(["--ckpt", ckpt, "--out_dir", str(Path(a.runs_dir) / "probe" / name),
                          "--random_seeds", str(seeds), "--data", a.probe_data])
-    keep = lambda x: dict(name=x["name"], arch=x["arch"], dense=x["dense"], global_=x["global"],  # noqa: E731
-                          diagnostics=x["diagnostics"], time_s=x["time_s"], run_info=x["run_info"])
+    keep = lambda x: dict(name=x["name"], arch=x.get("arch"), dense=x["dense"], global_=x.get("global"),  # noqa: E731
+                          diagnostics=x.get("diagnostics"), time_s=x.get("time_s", 0.0), run_info=x["run_info"])
     if seeds:
         write_json(base_file, dict(arch=arch, seeds=[keep(b) for b in r["baseline"]], raw=keep(r["raw"])
                                    | dict(oracle=r["raw"]["oracle"]), protocol=r["results"][0]["protocol"]))
@@ -149,7 +166,7 @@ def miou_curve(r: dict) -> dict[int, float]:
 def report(a, res: Path, names: list[str]) -> str:
     """results/bakeoff_<preset>.md and _curves.png from the results files that exist."""
     rows, curves, infos, total_s, band, baselines = [], {}, [], 0.0, None, set()
-    header = ("| entry | recipe command flags | steps x batch = images | ms/step (median) | objective vs trivial "
+    header = ("| entry | recipe command flags | steps x batch = images | ms/step as logged (median) | objective vs trivial "
               "(last 200 steps) | best mIoU (block) | last-block mIoU | random init, same arch (3 seeds) | "
               "best - random | eff. rank | cos(CLS, patch) |")
     for name in names + (["dinov3_official"] if a.dinov3 else []):
@@ -193,7 +210,9 @@ def report(a, res: Path, names: list[str]) -> str:
         header, "|---" * 11 + "|", *rows, "",
         f"Probe: eval_probe.py defaults (data `{a.probe_data}`), dense mIoU (%) of a linear probe per block; "
         "best block picked on the held-out split; the random-init baseline has the entry's own architecture. "
-        "Objective vs trivial: the recipe's loss against its trivial solution (scripts/learning_signal.py).",
+        "Objective vs trivial: the recipe's loss against its trivial solution (scripts/learning_signal.py). "
+        "Step times are as the runs logged them (runs may have shared the machine); scripts/bench.py measures "
+        "clean ones.",
         f"Hardware: {'; '.join(hw) or '–'}. Commits: {', '.join(commits) or '–'}. Dates: {', '.join(dates) or '–'}.",
         f"Total compute: {total_s / 3600:.2f} h of wall time (training steps as logged + probes).",
         f"Curves: [bakeoff_{a.preset}_curves.png](bakeoff_{a.preset}_curves.png).", ""])

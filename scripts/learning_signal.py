@@ -6,7 +6,9 @@
         mae, ijepa, capi   loss vs `trivial` (predict the patch mean / the mean target /
                            the prototype marginal) and their ratio;
         ibot_dino, dinov3_gram   the DINO loss, teacher entropy and batch entropy against
-                           ln K (uniform teacher), plus the KL teacher || student.
+                           ln K (uniform teacher), plus the KL teacher || student;
+        radio              per teacher (first two): spatial loss vs predicting the teacher's
+                           mean feature, summary cosine vs the teacher's mean summary direction.
 Prints a Markdown table (one row per run).
 """
 import argparse
@@ -20,6 +22,8 @@ PER_RECIPE = {
     "capi": ["loss", "trivial", "target_entropy", "prototypes_in_use"],
     "ibot_dino": ["dino", "ibot", "teacher_entropy", "batch_entropy", "kl"],
     "dinov3_gram": ["dino", "ibot", "gram", "teacher_entropy", "batch_entropy", "kl"],
+    "radio": [f"{k}_{i}" for i in range(2) for k in ("spatial", "spatial_trivial", "summary_cos",
+                                                       "summary_cos_trivial")],
 }
 
 
