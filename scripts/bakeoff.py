@@ -18,8 +18,8 @@ results/bakeoff_<P>_curves.png are assembled from those files, with the hardware
 commits, dates and the total compute they took.
 
 Budget: images seen = steps x global batch (source images; multi-crop views of one image
-count once). BEiT's tokenizer stage and RADIO's teachers come on top of it (stated in the
-table). The tiny default, 38,400 images, is DINO's tiny preset (1,200 steps x 32): the
+count once). BEiT's tokenizer stage (its preset's steps) and RADIO's teachers (the bake-off's
+own MAE and CAPI runs, as in radio.py's tiny preset) come on top of it. The tiny default, 38,400 images, is DINO's tiny preset (1,200 steps x 32): the
 multi-crop recipes are the most expensive per image, so every tiny run stays near 20 min.
 """
 import argparse
@@ -55,7 +55,7 @@ ENTRIES = {
     "beit_vqvae": ("beit", ["--tokenizer", "vqvae"], []),
     "beit_vqkd": ("beit", ["--tokenizer", "vqkd", "--teacher", "{run:mae}/backbone.safetensors"], ["mae"]),
     "radio": ("radio", ["--teacher", "{run:mae}/backbone.safetensors", "--teacher",
-                        "{run:dinov3_gram}/backbone.safetensors"], ["mae", "dinov3_gram"]),
+                        "{run:capi}/backbone.safetensors"], ["mae", "capi"]),
 }
 DEFAULT_IMAGES = {"tiny": 38_400, "small": 20_000_000, "base": 40_000_000}
 

@@ -7,6 +7,8 @@
                            the prototype marginal) and their ratio;
         ibot_dino, dinov3_gram   the DINO loss, teacher entropy and batch entropy against
                            ln K (uniform teacher), plus the KL teacher || student;
+        beit               MIM cross-entropy vs the entropy of the batch's masked codes (the best
+                           constant prediction), accuracy vs the majority-code rate;
         radio              per teacher (first two): spatial loss vs predicting the teacher's
                            mean feature, summary cosine vs the teacher's mean summary direction.
 Prints a Markdown table (one row per run).
@@ -22,6 +24,7 @@ PER_RECIPE = {
     "capi": ["loss", "trivial", "target_entropy", "prototypes_in_use"],
     "ibot_dino": ["dino", "ibot", "teacher_entropy", "batch_entropy", "kl"],
     "dinov3_gram": ["dino", "ibot", "gram", "teacher_entropy", "batch_entropy", "kl"],
+    "beit": ["loss", "trivial", "accuracy", "majority", "ink_accuracy"],
     "radio": [f"{k}_{i}" for i in range(2) for k in ("spatial", "spatial_trivial", "summary_cos",
                                                        "summary_cos_trivial")],
 }
