@@ -5,7 +5,8 @@
       (default: the first 100 and the last 200 steps), chosen per recipe:
         mae, ijepa, capi   loss vs `trivial` (predict the patch mean / the mean target /
                            the prototype marginal) and their ratio;
-        ibot_dino, dinov3_gram   the DINO loss, teacher entropy and batch entropy against
+        ibot_dino, dinov3_gram   the DINO loss (dinov3_gram: dino_ce, its mean over view pairs
+                           before the local-crop reweighting), teacher entropy and batch entropy against
                            ln K (uniform teacher), plus the KL teacher || student;
         beit               MIM cross-entropy vs the entropy of the batch's masked codes (the best
                            constant prediction), accuracy vs the majority-code rate;
@@ -23,7 +24,7 @@ PER_RECIPE = {
     "ijepa": ["loss", "trivial", "pred_std", "target_std"],
     "capi": ["loss", "trivial", "target_entropy", "prototypes_in_use"],
     "ibot_dino": ["dino", "ibot", "teacher_entropy", "batch_entropy", "kl"],
-    "dinov3_gram": ["dino", "ibot", "gram", "teacher_entropy", "batch_entropy", "kl"],
+    "dinov3_gram": ["dino_ce", "ibot", "gram", "teacher_entropy", "batch_entropy", "kl"],
     "beit": ["loss", "trivial", "accuracy", "majority", "ink_accuracy"],
     "radio": [f"{k}_{i}" for i in range(2) for k in ("spatial", "spatial_trivial", "summary_cos",
                                                        "summary_cos_trivial")],
@@ -46,6 +47,10 @@ def signal(run_dir: Path, first: int = 100, last: int = 200) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     if not rows:
         return dict(recipe=recipe, steps=0, summary="no logged steps")
+    if recipe == "dinov3_gram":  # the logged `dino` weighs local-crop pairs by local_weight (0.5 after the
+        n = cfg["n_local"]        # Gram ramp): the mean cross-entropy over the pairs is what compares with ln K
+        for r in rows:
+            r["dino_ce"] = r["dino"] * (1 + n) / (1 + n * r.get("local_weight", 1.0))
     end = rows[-1]["step"]
     keys = PER_RECIPE.get(recipe, ["loss"])
     a, b = window_means(rows, 0, first, keys), window_means(rows, end - last, end, keys)
