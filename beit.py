@@ -34,10 +34,11 @@ Logged beside the loss. Tokenizer stage: `recon` against `trivial` (the loss of 
 batch's mean patch / mean teacher feature everywhere), `commit`, `codes_used` and `perplexity`
 of the global batch's code histogram, `reseeded` dead codes, and for blank-paper patches
 `blank_codes` (how many codes they use) and `blank_top_share` (their share on the most common
-one). Pretraining: `loss` (cross-entropy on masked patches) against `trivial` (the entropy of the
-rank's batch of masked targets: the cross-entropy of the best predictor that ignores the image,
-chosen in hindsight, so if anything too low: a loss below it is conservative evidence), `accuracy` against `majority` (the batch's
-most frequent target code), `ink_accuracy` on masked patches with ink, and `blank_share`, the
+one). Pretraining: `loss` (cross-entropy on masked patches) against `trivial` (the cross-entropy
+of predicting the code marginal of all earlier steps' targets, add-one smoothed: the image-blind
+solution) and `batch_entropy` (the entropy of the batch's own masked targets, a hindsight bound
+below any image-blind prediction), `accuracy` against `majority` (the batch's most frequent
+target code), `ink_accuracy` on masked patches with ink, and `blank_share`, the
 share of masked patches that are blank paper.
 
 Deviations from the papers (and why):
@@ -461,6 +462,12 @@ def train_tokenizer(cfg: BEiTConfig, path: Path) -> bool:
 # Stage 2: masked image modeling
 # ---------------------------------------------------------------------------------------
 
+def marginal_cross_entropy(counts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of predicting every target with the add-one-smoothed code marginal `counts`."""
+    p = (counts + 1) / (counts.sum() + counts.numel())
+    return -p.log()[targets].mean()
+
+
 def pretrain(cfg: BEiTConfig, tokenizer_path: Path):
     # resuming a run stopped between the stages starts pretraining afresh
     run = common.Run(dataclasses.replace(cfg, resume=cfg.resume and common.latest_checkpoint(cfg.out_dir) is not None),
@@ -480,6 +487,7 @@ def pretrain(cfg: BEiTConfig, tokenizer_path: Path):
     models = {"model": model}
     opt = common.adamw(common.param_groups(model), lr=0.0, betas=(0.9, 0.999), device=dev)
     start = run.resume(models, {"opt": opt})
+    code_counts = run.extra.get("code_counts", torch.zeros(K)).to(dev)  # targets seen so far, per code
     fwd = common.wrap_ddp(model, run.dist)
     fwd = torch.compile(fwd) if cfg.compile else fwd
 
@@ -515,15 +523,20 @@ def pretrain(cfg: BEiTConfig, tokenizer_path: Path):
         grad_norm = common.clip_gradients(model.parameters(), cfg.clip_grad)
         opt.step()
         with torch.no_grad():
-            # the best image-blind predictor of this batch's targets: their own histogram
-            marginal = torch.zeros(K, device=dev).index_add_(0, targets, torch.ones(targets.shape, device=dev))
-            marginal = marginal / marginal.sum()
+            hist = torch.zeros(K, device=dev).index_add_(0, targets, torch.ones(targets.shape, device=dev))
+            # trivial: the image-blind prediction, the code marginal of all earlier steps' targets (all
+            # ranks; add-one smoothed), scored on this batch; batch_entropy: this batch's own histogram,
+            # a hindsight bound below any image-blind prediction
+            trivial = marginal_cross_entropy(code_counts, targets)
+            code_counts += common.all_reduce_sum(hist.clone())
+            marginal = hist / hist.sum()
             correct = (logits.argmax(-1) == targets).float()
             ink = patch_has_ink(img).flatten()[masked_index].float()  # (M,)
-            metrics.update(trivial=-(marginal * marginal.clamp(min=1e-12).log()).sum(), accuracy=correct.mean(),
-                           majority=marginal.max(), ink_accuracy=(correct * ink).sum() / ink.sum().clamp(min=1),
-                           blank_share=1 - ink.mean())
-        run.step(step, models, {"opt": opt}, loss=loss, mim=mim, **metrics, grad_norm=grad_norm, lr=lr)
+            metrics.update(trivial=trivial, batch_entropy=-(marginal * marginal.clamp(min=1e-12).log()).sum(),
+                           accuracy=correct.mean(), majority=marginal.max(),
+                           ink_accuracy=(correct * ink).sum() / ink.sum().clamp(min=1), blank_share=1 - ink.mean())
+        run.step(step, models, {"opt": opt}, extra={"code_counts": code_counts}, loss=loss, mim=mim, **metrics,
+                 grad_norm=grad_norm, lr=lr)
         if run.stopped:
             break
     run.finish(encoder)

@@ -101,6 +101,13 @@ def write_json(path: Path, obj: dict):
     tmp.replace(path)  # a crash never leaves half a results file
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """A stopped run also exports its backbone: finished means its last checkpoint is the last step."""
+    ckpt = common.latest_checkpoint(run_dir)
+    return (run_dir / "backbone.safetensors").is_file() and ckpt is not None and \
+        int(ckpt.name.split("_")[-1]) >= steps
+
+
 def train(name: str, a, res: Path) -> dict:
     out = res / f"{name}.train.json"
     if out.is_file():
@@ -111,7 +118,7 @@ def train(name: str, a, res: Path) -> dict:
             raise SystemExit(f"{name} needs {dep} first (run it, or drop {name} from --only)")
     check_run_dir(name, cmd, run_dir)
     t0 = time.time()
-    if not (run_dir / "backbone.safetensors").is_file():
+    if not finished(run_dir, int(cmd[cmd.index("--steps") + 1])):
         resume = common.latest_checkpoint(run_dir) is not None
         print(f"[bakeoff] {'resuming' if resume else 'training'} {name}: {shlex.join(cmd)}", flush=True)
         if not a.dry_run:

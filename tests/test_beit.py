@@ -350,3 +350,10 @@ def test_help_lists_the_recipe_flags(capsys):
     for flag in ("--stage", "--tokenizer", "--teacher", "--tokenizer_ckpt", "--codebook_size", "--dead_code_steps",
                  "--mask_ratio", "--aggregation_layer"):
         assert flag in out
+
+
+def test_marginal_cross_entropy_hand_computed():
+    counts = torch.tensor([3.0, 1.0, 0.0])  # add-one smoothed: p = (4, 2, 1) / 7
+    targets = torch.tensor([0, 1])
+    expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert float(beit.marginal_cross_entropy(counts, targets)) == pytest.approx(expected, rel=1e-6)

@@ -87,3 +87,12 @@ def test_learning_signal_window_means_by_hand(tmp_path):
     assert s["first"]["loss"] == pytest.approx(0.9) and s["last"]["loss"] == pytest.approx(0.5)
     assert s["last"]["trivial"] == pytest.approx(0.9)
     assert "loss / trivial (last 20) 0.56" in s["summary"]
+
+
+def test_bakeoff_a_stopped_run_is_not_finished(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoint" / "step_0000420").mkdir(parents=True)
+    (run / "checkpoint" / "step_0000420" / "state.pt").write_bytes(b"")
+    (run / "checkpoint" / "latest").write_text("step_0000420")
+    (run / "backbone.safetensors").write_bytes(b"")  # a stop exports the backbone too
+    assert not bakeoff.finished(run, 1500) and bakeoff.finished(run, 420)
