@@ -14,7 +14,7 @@ features then stop degrading as training goes on, while the features themselves 
 dinov3_gram.py` shows exactly this delta. The EMA teacher's backbone is exported and evaluated.
 
 Commands:
-  CPU, tiny (900 steps, ~19 min on 2 idle cores):  python dinov3_gram.py --preset tiny
+  CPU, tiny (1000 steps, ~18 min on 2 idle cores):  python dinov3_gram.py --preset tiny
   one GPU, ViT-S:  torchrun --standalone --nproc_per_node=1 dinov3_gram.py --preset small --data DIR
   8 GPUs, ViT-B:   torchrun --standalone --nproc_per_node=8 dinov3_gram.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -172,11 +172,10 @@ PRESETS = {
     # Here the same settings with DINOv3's changes (Sinkhorn-Knopp, so no centre; constant lr, wd
     # and momentum 0.99). Measured on 2 busy cores over 40-80 steps, not the whole preset: the
     # teacher entropy was 4.89 at step 40 and 4.78 at 60, the student near ln K, as dinov2's was.
-    # A step took 865 ms before Gram and ~1.45 s with the 2x Gram teacher (its 8 x 8 grid has 4x
-    # a global crop's patches), hence 900 steps (~19 min on 2 idle cores), the Gram teacher copied
-    # at step 300 and refreshed at 500 and 700. The measured tiny runs (README) went to 1000 steps;
-    # lr, momentum and temperatures are constant, so the 900-step preset is their first 900 steps.
-    "tiny": dict(arch="vit_tiny", batch_size=32, steps=900, tile_size=96, global_size=64, global_scale=(1.0, 1.5),
+    # scripts/bench.py on 2 idle cores: 865 ms/step before Gram, 1,205 ms/step with the 2x Gram
+    # teacher (its 8 x 8 grid has 4x a global crop's patches): 1000 steps ~18.4 min, the Gram
+    # teacher copied at step 300 and refreshed at 500, 700 and 900. Measured runs: see the README.
+    "tiny": dict(arch="vit_tiny", batch_size=32, steps=1000, tile_size=96, global_size=64, global_scale=(1.0, 1.5),
                  n_local=4, local_size=32, local_scale=(1.0, 2.0), min_ink=0.15, n_prototypes=256, head_hidden=512,
                  head_bottleneck=128, freeze_last_layer_steps=20, teacher_temp_start=0.02, teacher_temp=0.02,
                  teacher_temp_warmup_steps=0, momentum_teacher=0.99, blr=0.008, warmup_steps=20, drop_path=0.0,
