@@ -442,7 +442,7 @@ def load_or_fit_phis(teachers, sheets, view, cfg, run) -> None:
         return
     stream = common.TileDataset(sheets, view, seed=cfg.seed + 1, tiles_per_sheet=cfg.tiles_per_sheet)
     loader = common.make_loader(stream, run.local_batch, rank=run.dist.rank, world_size=run.dist.world_size,
-                                num_workers=0, seed=cfg.seed + 1)
+                                num_workers=cfg.num_workers, seed=cfg.seed + 1)  # decoding in workers
     for t, phis in zip(teachers, fit_phis(teachers, iter(loader), cfg, run.dist.rank, run.device)):
         t.phis = phis
         common.print0(f"[radio] PHI-S {t.name}: alpha {float(phis.alpha):.4g}, "
