@@ -6,11 +6,7 @@ import json
 import math
 import os
 import random
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,8 @@ import torch.multiprocessing as mp
 
 import beit
 import common
+from cli import read_metrics, run_recipe, stop_when_logged
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,27 +256,11 @@ FAST = ["--preset", "tiny", "--batch_size", "4", "--tokenizer_batch_size", "4", 
 
 
 def run_cli(args, nproc=None, popen=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = str(ROOT / "beit.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc else [sys.executable, script]) + FAST + args
-    if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return run_recipe("beit.py", FAST + args, nproc, popen=popen)
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
-
-def stop_when_logged(proc, log, lines):
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= lines):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=240) == 0
 
 
 TOKENIZER_KEYS = ("loss", "recon", "trivial", "commit", "codes_used", "perplexity", "reseeded", "blank_codes")

@@ -3,12 +3,9 @@ and short runs of the real command line (official-format --init, resume across a
 refresh, two processes)."""
 import copy
 import dataclasses
-import json
 import math
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from cli import read_metrics, run_recipe
 import dinov3_gram
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gram_loss_hand_computed_per_image():
@@ -154,17 +151,13 @@ def test_sinkhorn_knopp_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_p
 # --- the real command line -------------------------------------------------------------------
 
 def run_cli(args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = str(ROOT / "dinov3_gram.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc else [sys.executable, script])
     small = ["--preset", "tiny", "--batch_size", "4", "--n_local", "2", "--n_prototypes", "64", "--head_hidden", "32",
              "--head_bottleneck", "16", "--num_workers", "0", "--log_every", "1", "--arch", "vit_tiny"]
-    return subprocess.run(cmd + small + args, env=env, capture_output=True, text=True, timeout=300)
+    return run_recipe("dinov3_gram.py", small + args, nproc, check=False)
 
 
 def metrics(run_dir):
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r for r in read_metrics(run_dir)}
 
 
 def checkpoint_part(run_dir, prefix):

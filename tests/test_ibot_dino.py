@@ -1,14 +1,9 @@
 """DINO / iBOT / DINOv2 essentials against hand-computed values, the two-rank reductions, and
 short runs of the real command line (every variant, resume, two processes)."""
-import json
 import math
 import os
 import random
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from cli import read_metrics, run_recipe, stop_when_logged
 import ibot_dino
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_dino_loss_hand_computed_over_pairs_of_different_views():
@@ -188,19 +183,13 @@ def test_head_shapes_weight_norm_and_variants():
 
 
 def run_cli(args, nproc=None, popen=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = str(ROOT / "ibot_dino.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc else [sys.executable, script])
     small = ["--preset", "tiny", "--batch_size", "4", "--n_local", "2", "--n_prototypes", "64", "--head_hidden", "32",
              "--head_bottleneck", "16", "--num_workers", "0", "--log_every", "1", "--arch", "vit_tiny"]
-    if popen:
-        return subprocess.Popen(cmd + small + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return subprocess.run(cmd + small + args, env=env, capture_output=True, text=True, timeout=300)
+    return run_recipe("ibot_dino.py", small + args, nproc, popen=popen, check=False)
 
 
 def metrics(run_dir):
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r for r in read_metrics(run_dir)}
 
 
 @pytest.mark.parametrize("variant", ["dino", "ibot", "dinov2"])
@@ -225,13 +214,7 @@ def test_resume_reproduces_losses_and_centers(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     # stop a second run mid-way with SIGTERM (it checkpoints and exits), then --resume it
     run_dir = tmp_path / "res"
-    proc = run_cli(steps + ["--out_dir", str(run_dir)], popen=True)
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=240) == 0
+    stop_when_logged(run_cli(steps + ["--out_dir", str(run_dir)], popen=True), run_dir / "metrics.jsonl", 2)
     stopped_at = int(common.latest_checkpoint(run_dir).name.split("_")[1])
     assert 2 <= stopped_at < 10, "the signal should stop the run mid-way"
     again = run_cli(steps + ["--out_dir", str(run_dir), "--resume"])

@@ -1,20 +1,13 @@
 """I-JEPA essentials against hand-computed values, plus the command line (smoke, resume, DDP)."""
 import copy
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
+from cli import read_metrics, run_recipe, stop_when_logged
 import ijepa
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def draws(grid, n_batches=150, batch=8, **kw):
@@ -214,19 +207,10 @@ FAST = ["--preset", "tiny", "--img_size", "96", "--batch_size", "4", "--min_keep
 
 
 def run_cli(args, nproc=None, popen=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = str(ROOT / "ijepa.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc else [sys.executable, script]) + FAST + args
-    if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return run_recipe("ijepa.py", FAST + args, nproc, popen=popen)
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def test_smoke_exports_the_target_encoder_and_resume_reproduces_losses(tmp_path):
@@ -245,13 +229,7 @@ def test_smoke_exports_the_target_encoder_and_resume_reproduces_losses(tmp_path)
 
     # stop a second run mid-way with SIGTERM (it checkpoints and exits), then --resume it
     run_dir = tmp_path / "res"
-    proc = run_cli(steps + ["--out_dir", str(run_dir)], popen=True)
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=240) == 0
+    stop_when_logged(run_cli(steps + ["--out_dir", str(run_dir)], popen=True), run_dir / "metrics.jsonl", 2)
     stopped_at = int(common.latest_checkpoint(run_dir).name.split("_")[1])
     assert 2 <= stopped_at < 6, "the signal should stop the run mid-way"
     run_cli(steps + ["--out_dir", str(run_dir), "--resume"])
