@@ -1,12 +1,9 @@
 """RADIO essentials against hand-computed values (Hadamard and PHI-S, losses, resolution
 matching), teachers that stay frozen and differ in width and patch size, the two-rank PHI-S
 statistics, and short runs of the real command line (smoke and export, exact resume, torchrun)."""
-import json
 import math
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+from cli import read_metrics, run_recipe
 import radio
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,17 +243,10 @@ FAST = ["--preset", "tiny", "--batch_size", "4", "--low_res", "32", "--high_res"
 
 
 def run_cli(args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    script = str(ROOT / "radio.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc else [sys.executable, script]) + FAST + args
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return run_recipe("radio.py", FAST + args, nproc)
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def test_smoke_export_resume_and_two_processes(tmp_path):
@@ -314,3 +304,12 @@ def test_repeated_teacher_flags_become_teachers_and_weights(tmp_path):
     assert radio.teacher_flags(["--steps", "3"]) == ["--steps", "3"]
     with pytest.raises(SystemExit):
         radio.teacher_flags(["--teacher", "a", "--teachers", "b"])
+
+
+def test_adaptor_is_radios_mlp_or_one_linear_when_hidden_is_0():
+    mlp, lin = radio.adaptor(8, 16, 4), radio.adaptor(8, 0, 4)
+    assert [type(m).__name__ for m in mlp] == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert mlp[0].weight.shape == (16, 8) and mlp[3].weight.shape == (4, 16)
+    assert len(lin) == 1 and lin[0].weight.shape == (4, 8)
+    x = torch.randn(3, 8)
+    assert torch.allclose(lin(x), x @ lin[0].weight.T + lin[0].bias)
