@@ -67,15 +67,25 @@ DEFAULT_IMAGES = {"tiny": 38_400, "small": 20_000_000, "base": 40_000_000}
 def recipe_config(recipe: str, argv: list[str]):
     """The recipe's resolved config for argv (its dataclass, presets and defaults)."""
     mod = importlib.import_module(recipe)
+    argv = getattr(mod, "teacher_flags", lambda x: x)(list(argv))  # radio's repeated --teacher PATH[:w]
     cls = next(v for v in vars(mod).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
                and issubclass(v, common.TrainConfig) and v.__module__ == mod.__name__)
     return common.parse_config(cls, mod.PRESETS, recipe, argv)
 
 
+def run_dirs_in(flag: str, runs_dir: str) -> str:
+    """`{run:NAME}` -> that entry's run dir (str.format would read `:NAME` as a format spec)."""
+    for n in ENTRIES:
+        flag = flag.replace("{run:" + n + "}", str(Path(runs_dir) / n))
+    if "{run:" in flag:
+        raise SystemExit(f"unknown entry in {flag!r}; entries: {list(ENTRIES)}")
+    return flag
+
+
 def entry_command(name: str, a) -> tuple[list[str], Path]:
     recipe, flags, _ = ENTRIES[name]
     run_dir = Path(a.runs_dir) / name
-    flags = [f.format(**{f"run:{n}": str(Path(a.runs_dir) / n) for n in ENTRIES}) for f in flags]
+    flags = [run_dirs_in(f, a.runs_dir) for f in flags]
     base = ["--preset", a.preset, "--data", a.data, "--out_dir", str(run_dir)] + flags
     batch = recipe_config(recipe, base).batch_size
     argv = base + ["--steps", str(math.ceil(a.images / batch))]

@@ -46,6 +46,18 @@ def test_bakeoff_steps_equalise_images_seen(tmp_path):
     assert cmd[cmd.index("--steps") + 1] == str(math.ceil(1000 / 32))
 
 
+def test_bakeoff_teacher_entries_point_at_the_bake_offs_own_run_dirs(tmp_path):
+    runs = tmp_path / "runs"
+    cmd, _ = bakeoff.entry_command("radio", _args(tmp_path))
+    teachers = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--teacher"]
+    assert teachers == [str(runs / "mae" / "backbone.safetensors"),
+                        str(runs / "dinov3_continual" / "backbone.safetensors")]
+    cmd, _ = bakeoff.entry_command("dinov3_continual", _args(tmp_path))
+    assert cmd[cmd.index("--init") + 1] == str(runs / "mae" / "backbone.safetensors")
+    with pytest.raises(SystemExit, match="unknown entry"):
+        bakeoff.run_dirs_in("{run:nope}/backbone.safetensors", str(runs))
+
+
 def _probe(name, best, layers, rank=50.0):
     return dict(name=name, arch={"embed_dim": 192, "depth": 12, "num_heads": 3},
                 dense=dict(best_miou=best, best_layer=max(layers, key=layers.get), last_miou=layers[max(layers)],
