@@ -33,6 +33,7 @@ Commands:
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
                --nproc_per_node 8 radio.py --preset base --data DIR --out_dir /shared/runs/radio --teacher ...
   AM-RADIO losses instead of C-RADIO:  same command + --loss amradio
+  shift-equivariant distillation and MESA:  same command + --shift_max 0.25 --mesa_weight 1
   continue from other weights:  --init path/to/backbone.safetensors;  resume: same command + --resume
 Then probe the student and its teachers in one table:
   python eval_probe.py --ckpt runs/radio/backbone.safetensors --ckpt runs/mae/backbone.safetensors \
@@ -57,8 +58,18 @@ Deviations from the papers (and why):
   (with {192, 224}, the probe's tile included, the student probed worse: see PRESETS["tiny"]).
   All crops are cut at native resolution (scale jitter, ink-aware) at the largest side and
   downsampled (antialiased) for each model: no flips, blur or colour jitter on line art.
-- Not implemented: MESA (student vs its EMA on a shifted crop) and shifted student/teacher crops
-  (C-RADIOv4's shift-equivariant loss); FeatSharp upsampling of low-resolution teachers.
+- Shifted crops (C-RADIOv4's shift-equivariant loss, `--shift_max F`, off by default): per image,
+  the student and the teachers get two windows of side (1 - F) x the native crop at independent
+  integer offsets; the student's tokens are sampled bilinearly (align_corners=False, the convention
+  of the unshifted token resize, which it equals at zero shift) at each teacher token's centre, and
+  the spatial losses (and their trivial levels) average over the teacher tokens whose centre lies
+  inside the student's window. The report gives the idea, not the window sampling: ours is one.
+- MESA (`--mesa_weight W`, off by default; `--mesa_momentum`, `--mesa_shift_max`): an EMA copy of
+  the student (frozen, saved in the checkpoint) sees a window of side (1 - mesa_shift_max) x the
+  student's low-resolution input, anywhere inside it, resized to the same side; loss: mean squared
+  difference of the layer-normed (no affine) student tokens, aligned as above, and EMA tokens. On
+  the low-resolution part of each step only, to keep its cost down.
+- Not implemented: FeatSharp upsampling of low-resolution teachers.
 - Optimiser: AdamW with cosine decay and gradient clipping; the papers' exact schedules are for
   hundreds of thousands of steps at batch 1024 and were not copied (small/base are our scaling).
 - Tiny preset: adaptors are one Linear each instead of RADIO's 2-layer MLP (measured: with MLP
@@ -67,6 +78,7 @@ Deviations from the papers (and why):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -100,6 +112,11 @@ class RADIOConfig(common.TrainConfig):
     low_res: tuple = (128, 192, 224, 256)  # student sides of the low-resolution part of each batch
     high_res: tuple = (384, 512)  # student sides of the high-resolution part (empty: low only)
     high_fraction: float = 0.5  # share of each rank's batch distilled at the high resolution
+    # shift equivariance (C-RADIOv4) and MESA, both off by default
+    shift_max: float = 0.0  # student and teachers see different windows of side (1 - this) x crop (0: same pixels)
+    mesa_weight: float = 0.0  # weight of MESA: student vs its EMA on a shifted window, layer-normed tokens (0: off)
+    mesa_momentum: float = 0.999  # EMA momentum of MESA's copy of the student
+    mesa_shift_max: float = 0.25  # the EMA's window: side (1 - this) x the student's, anywhere inside it
     min_ink: float = 0.02  # resample crops with less ink than this fraction (0: off)
     scale_min: float = 0.8  # crop scale jitter: a region of side crop/scale is resampled to the crop,
     scale_max: float = 1.25  #   for scale in [scale_min, scale_max]
@@ -287,6 +304,48 @@ def resize_tokens(patches: torch.Tensor, grid: tuple[int, int], size: tuple[int,
     return maps.flatten(2).transpose(1, 2)  # (n, H*W, D)
 
 
+def random_windows(crops: torch.Tensor, frac: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A square window of side round(S (1 - frac)) at a random integer offset in each (n, 1, S, S)
+    crop -> (windows (n, 1, s, s), offsets (n, 2) as (x, y) in pixels, s)."""
+    S = crops.shape[-1]
+    side = max(1, round(S * (1 - frac)))
+    off = torch.randint(S - side + 1, (crops.shape[0], 2), generator=gen)
+    wins = torch.stack([c[:, y:y + side, x:x + side] for c, (x, y) in zip(crops, off.tolist())])
+    return wins, off.to(crops.device), side
+
+
+def align_tokens(patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], origin: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student tokens (n, h*w, D) covering the unit square of its window -> the same features sampled
+    (bilinear, align_corners=False, the convention of resize_tokens) at the token centres of another
+    window of grid `size` whose corner sits at `origin` (n, 2) (x, y) and whose side is `scale`, both in
+    units of the student window's side. Returns (n, H*W, D) and a (n, H*W) weight: 1 where that centre
+    lies inside the student window, else 0. origin 0, scale 1 gives resize_tokens."""
+    H, W = size
+    ys = (torch.arange(H, device=patches.device, dtype=torch.float32) + 0.5) / H
+    xs = (torch.arange(W, device=patches.device, dtype=torch.float32) + 0.5) / W
+    x = origin[:, 0, None, None].float() + scale * xs[None, None, :]  # (n, 1, W)
+    y = origin[:, 1, None, None].float() + scale * ys[None, :, None]  # (n, H, 1)
+    x, y = x.expand(-1, H, W), y.expand(-1, H, W)
+    where = torch.stack([2 * x - 1, 2 * y - 1], dim=-1)  # grid_sample's (-1, 1) coordinates
+    maps = patches.transpose(1, 2).unflatten(2, grid)  # (n, D, h, w)
+    out = F.grid_sample(maps, where.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    valid = ((x >= 0) & (x <= 1) & (y >= 0) & (y <= 1)).flatten(1).float()
+    return out.flatten(2).transpose(1, 2), valid
+
+
+def weighted_mean(per_token: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of (n, N) values over the tokens of weight 1."""
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def mesa_loss(student_tokens: torch.Tensor, ema_tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of layer-normed (no affine) student and EMA tokens, valid tokens only."""
+    d = student_tokens.shape[-1]
+    diff = F.layer_norm(student_tokens.float(), (d,)) - F.layer_norm(ema_tokens.float(), (d,))
+    return weighted_mean(diff.pow(2).mean(-1), weight)
+
+
 @dataclasses.dataclass
 class Teacher:
     name: str
@@ -343,16 +402,26 @@ class Distiller(nn.Module):
         self.summary_heads = nn.ModuleList(adaptor(D, hidden, d) for d in teacher_dims)
         self.spatial_heads = nn.ModuleList(adaptor(D, hidden, d) for d in teacher_dims)
 
-    def forward(self, parts: list[torch.Tensor], grids: list[list[tuple[int, int]]]) -> list[list[tuple]]:
+    def forward(self, parts: list[torch.Tensor], grids: list[list[tuple[int, int]]], origins=None):
         """parts: student inputs (n, 1, r, r), one per resolution; grids[k][i]: teacher i's token grid
-        on part k. -> [part][teacher] (summary (n, D_i), spatial (n, h_i*w_i, D_i))."""
-        outs = []
-        for img, teacher_grids in zip(parts, grids):
+        on part k; origins[k]: the teachers' window corner (n, 2) in units of the student's window
+        (shifted crops; None: the same pixels). -> [part][teacher] (summary (n, D_i), spatial
+        (n, h_i*w_i, D_i), token weight (n, h_i*w_i) or None), and per part the student's patch tokens
+        and grid (for MESA)."""
+        outs, tokens = [], []
+        for k, (img, teacher_grids) in enumerate(zip(parts, grids)):
             out = self.student(common.to_model_input(img))
-            outs.append([(self.summary_heads[i](out["normed"][:, self.summary_index[i]]),
-                          self.spatial_heads[i](resize_tokens(out["patches"], out["grid"], grid)))
-                         for i, grid in enumerate(teacher_grids)])
-        return outs
+            tokens.append((out["patches"], out["grid"]))
+            part = []
+            for i, grid in enumerate(teacher_grids):
+                if origins is None:
+                    spatial, weight = resize_tokens(out["patches"], out["grid"], grid), None
+                else:
+                    spatial, weight = align_tokens(out["patches"], out["grid"], grid, origins[k], 1.0)
+                part.append((self.summary_heads[i](out["normed"][:, self.summary_index[i]]),
+                             self.spatial_heads[i](spatial), weight))
+            outs.append(part)
+        return outs, tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,14 +455,30 @@ def cradio_summary_loss(pred: torch.Tensor, target: torch.Tensor, dispersion: to
     return (torch.arccos(cos) ** 2).mean() / dispersion.clamp(min=MIN_DISPERSION)
 
 
-def teacher_losses(kind: str, pred_summary, pred_spatial, target: dict, phis: PHIS) -> dict:
+def teacher_losses(kind: str, pred_summary, pred_spatial, target: dict, phis: PHIS, weight=None) -> dict:
     """Losses of one teacher on one resolution part, with the learning signals beside them:
     the same spatial loss for the trivial prediction (the teacher's mean feature), and the
-    summary cosine of the student and of the teacher's mean summary direction."""
+    summary cosine of the student and of the teacher's mean summary direction. weight (n, N):
+    spatial terms over the tokens of weight 1 only (shifted crops)."""
     pred_summary, pred_spatial = pred_summary.float(), pred_spatial.float()
     with torch.no_grad():
         cos_trivial = F.cosine_similarity(phis.summary_mean[None], target["summary"], dim=-1).mean()
         cos = F.cosine_similarity(pred_summary, target["summary"], dim=-1).mean()
+    if weight is not None:
+        spatial_target = phis(target["spatial"]) if kind == "cradio" else target["spatial"]
+        if kind == "cradio":
+            per_token = (pred_spatial - spatial_target).pow(2).mean(-1)
+            trivial = spatial_target.pow(2).mean(-1)
+        else:
+            def per(p, t):
+                return 0.9 * (1 - F.cosine_similarity(p, t, dim=-1)) + 0.1 * F.smooth_l1_loss(
+                    p, t, reduction="none").mean(-1)
+            per_token, trivial = per(pred_spatial, spatial_target), per(phis.mean.expand_as(spatial_target),
+                                                                       spatial_target)
+        summary = (cradio_summary_loss(pred_summary, target["summary"], phis.summary_dispersion) if kind == "cradio"
+                   else amradio_summary_loss(pred_summary, target["summary"]))
+        return dict(summary=summary, spatial=weighted_mean(per_token, weight),
+                    spatial_trivial=weighted_mean(trivial, weight), summary_cos=cos, summary_cos_trivial=cos_trivial)
     if kind == "cradio":
         spatial_target = phis(target["spatial"])  # (n, N, D)
         out = dict(summary=cradio_summary_loss(pred_summary, target["summary"], phis.summary_dispersion),
@@ -526,6 +611,10 @@ def main(argv=None):
     model = Distiller(student, [t.model.embed_dim for t in teachers], hidden=cfg.adaptor_hidden,
                       shared_summary=cfg.summary_tokens == "shared").to(dev)
     models = {"student": student, "summary_heads": model.summary_heads, "spatial_heads": model.spatial_heads}
+    ema = None
+    if cfg.mesa_weight > 0:  # MESA's EMA of the student: frozen, eval mode, saved for exact resume
+        ema = copy.deepcopy(student).requires_grad_(False).eval()
+        models["mesa_ema"] = ema
     opt = common.adamw(common.param_groups(model), lr=0.0, betas=(0.9, 0.999), device=dev)
 
     side = max(cfg.low_res + cfg.high_res + tuple(t.res for t in teachers))  # every model's input is a downsample
@@ -545,15 +634,39 @@ def main(argv=None):
         lr = common.cosine_schedule(step, cfg.steps, cfg.lr, warmup=cfg.warmup_steps)
         common.set_lr_wd(opt, lr, cfg.weight_decay)
         parts = resolution_parts(crops, cfg, common.step_generator(cfg.seed, step, run.dist.rank))
-        targets = [[t(part, res) for t in teachers] for part, res in parts]  # frozen, no_grad
+        shift_gen = common.step_generator(cfg.seed + 2, step, run.dist.rank)  # its own draws: off = unchanged
+        origins = None
+        if cfg.shift_max > 0:  # the student and the teachers see different windows of each crop
+            windows, origins = [], []
+            for part, res in parts:
+                s_win, s_off, side = random_windows(part, cfg.shift_max, shift_gen)
+                t_win, t_off, _ = random_windows(part, cfg.shift_max, shift_gen)
+                windows.append(((s_win, t_win), res))
+                origins.append((t_off - s_off).float() / side)
+            targets = [[t(t_win, res) for t in teachers] for (_, t_win), res in windows]  # frozen, no_grad
+            student_in = [resize_images(s_win, res) for (s_win, _), res in windows]
+        else:
+            targets = [[t(part, res) for t in teachers] for part, res in parts]  # frozen, no_grad
+            student_in = [resize_images(part, res) for part, res in parts]
         with common.autocast(dev):
-            preds = fwd([resize_images(part, res) for part, res in parts],
-                        [[tgt["grid"] for tgt in part_targets] for part_targets in targets])
+            preds, tokens = fwd(student_in, [[tgt["grid"] for tgt in part_targets] for part_targets in targets],
+                                origins)
         loss, metrics = 0.0, {}
+        if ema is not None:  # MESA on the first (low-resolution) part: the EMA sees a window inside the student's
+            img = student_in[0]
+            e_win, e_off, e_side = random_windows(img, cfg.mesa_shift_max, shift_gen)
+            with torch.no_grad(), common.autocast(dev):
+                e_out = ema(common.to_model_input(resize_images(e_win, img.shape[-1])))
+            s_tokens, s_grid = tokens[0]
+            aligned, weight = align_tokens(s_tokens, s_grid, e_out["grid"], e_off.float() / img.shape[-1],
+                                           e_side / img.shape[-1])
+            metrics["mesa"] = mesa_loss(aligned, e_out["patches"], weight)
+            loss = loss + cfg.mesa_weight * metrics["mesa"]
+            metrics["mesa"] = metrics["mesa"].detach()
         for (part, _), part_preds, part_targets in zip(parts, preds, targets):
             share = part.shape[0] / crops.shape[0]  # each image counts once, whatever its resolution
-            for i, (t, (summary, spatial), target) in enumerate(zip(teachers, part_preds, part_targets)):
-                terms = teacher_losses(cfg.loss, summary, spatial, target, t.phis)
+            for i, (t, (summary, spatial, weight), target) in enumerate(zip(teachers, part_preds, part_targets)):
+                terms = teacher_losses(cfg.loss, summary, spatial, target, t.phis, weight)
                 loss = loss + share * t.weight * (cfg.summary_weight * terms["summary"]
                                                   + cfg.spatial_weight * terms["spatial"])
                 for k, v in terms.items():  # logged per teacher index: spatial_0, spatial_trivial_0, ...
@@ -562,6 +675,8 @@ def main(argv=None):
         loss.backward()
         grad_norm = common.clip_gradients(model.parameters(), cfg.clip_grad)
         opt.step()
+        if ema is not None:
+            common.ema_update(ema, student, cfg.mesa_momentum)
         run.step(step, models, {"opt": opt}, loss=loss, **metrics, grad_norm=grad_norm, lr=lr)
         if run.stopped:
             break

@@ -217,10 +217,11 @@ def test_teachers_of_different_widths_and_patches_stay_frozen(tmp_path):
     targets = [[t(part, side) for t in teachers] for part, side in parts]
     assert [[tg["grid"] for tg in p] for p in targets] == [[(2, 2), (4, 4)], [(3, 3), (6, 6)]]
     assert all(not tg["spatial"].requires_grad for p in targets for tg in p)
-    preds = model([radio.resize_images(p, s) for p, s in parts], [[tg["grid"] for tg in p] for p in targets])
+    preds, _ = model([radio.resize_images(p, s) for p, s in parts], [[tg["grid"] for tg in p] for p in targets])
     assert preds[1][1][1].shape == (2, 36, 64) and preds[0][0][0].shape == (2, 192)  # student 2x2 grid -> 4x4
+    assert preds[0][0][2] is None  # no shifted crops: every token counts
     loss = sum(t.weight * sum(radio.teacher_losses("cradio", s, sp, tg, t.phis)[k] for k in ("summary", "spatial"))
-               for p, tgs in zip(preds, targets) for t, (s, sp), tg in zip(teachers, p, tgs))
+               for p, tgs in zip(preds, targets) for t, (s, sp, _), tg in zip(teachers, p, tgs))
     loss.backward()
     assert all(p.grad is None for t in teachers for p in t.model.parameters())
     assert all(p.grad is not None for p in model.parameters())
@@ -228,7 +229,7 @@ def test_teachers_of_different_widths_and_patches_stay_frozen(tmp_path):
     model.summary_heads = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
     img = torch.rand(1, 1, 32, 32)
     normed = student(common.to_model_input(img))["normed"]
-    out = model([img], [[(2, 2), (4, 4)]])[0]
+    out = model([img], [[(2, 2), (4, 4)]])[0][0]
     assert torch.allclose(out[0][0], normed[:, 0]) and torch.allclose(out[1][0], normed[:, 1])
     with pytest.raises(SystemExit):
         radio.Distiller(student, [8, 8, 8], hidden=4, shared_summary=False)  # 3 teachers, 2 summary tokens
@@ -276,6 +277,17 @@ def test_smoke_export_resume_and_two_processes(tmp_path):
         for key in ("loss", "spatial_0", "spatial_1", "summary_0", "summary_1", "spatial_trivial_1"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
 
+    # shifted crops + MESA: 2 steps, then --resume to 4, equal to 4 straight (the EMA is in the checkpoint)
+    flags = teachers + ["--shift_max", "0.25", "--mesa_weight", "1", "--mesa_momentum", "0.9"]
+    run_cli(flags + ["--steps", "4", "--out_dir", str(tmp_path / "mesa")])
+    straight = metrics(tmp_path / "mesa")
+    assert all(math.isfinite(r["mesa"]) and r["mesa"] >= 0 for r in straight)
+    run_cli(flags + ["--steps", "2", "--out_dir", str(tmp_path / "mesa2")])
+    run_cli(flags + ["--steps", "4", "--out_dir", str(tmp_path / "mesa2"), "--resume"])
+    for a, b in zip(straight, metrics(tmp_path / "mesa2")):
+        for key in ("loss", "mesa", "spatial_0", "spatial_trivial_1"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
     # two gloo processes, AM-RADIO losses, continuing from the exported student
     two = tmp_path / "two"
     init = str(tmp_path / "ref" / "backbone.safetensors")
@@ -313,3 +325,55 @@ def test_adaptor_is_radios_mlp_or_one_linear_when_hidden_is_0():
     assert len(lin) == 1 and lin[0].weight.shape == (4, 8)
     x = torch.randn(3, 8)
     assert torch.allclose(lin(x), x @ lin[0].weight.T + lin[0].bias)
+
+
+@pytest.mark.parametrize("grid,size", [((6, 6), (8, 8)), ((12, 12), (7, 7)), ((2, 3), (4, 6))])
+def test_aligned_tokens_without_a_shift_are_resize_tokens(grid, size):
+    torch.manual_seed(0)
+    patches = torch.randn(2, grid[0] * grid[1], 5)
+    aligned, weight = radio.align_tokens(patches, grid, size, torch.zeros(2, 2), 1.0)
+    assert torch.allclose(aligned, radio.resize_tokens(patches, grid, size), atol=1e-5)
+    assert torch.equal(weight, torch.ones(2, size[0] * size[1]))
+
+
+def test_aligned_tokens_follow_a_shift_by_hand():
+    # student window: 4 x 4 tokens of 16 px over 64 px; each token's feature is its own centre (x, y)
+    # in pixels. The teachers' window (same size) sits 16 px right and 32 px down: teacher token (r, c)
+    # has its centre at (16 c + 8 + 16, 16 r + 8 + 32); it lies in the student window for c <= 2, r <= 1.
+    centres = torch.tensor([[16 * c + 8.0, 16 * r + 8.0] for r in range(4) for c in range(4)])
+    aligned, weight = radio.align_tokens(centres[None], (4, 4), (4, 4), torch.tensor([[16 / 64, 32 / 64]]), 1.0)
+    expected = centres + torch.tensor([16.0, 32.0])
+    valid = torch.tensor([float(r <= 1 and c <= 2) for r in range(4) for c in range(4)])
+    assert torch.equal(weight[0], valid) and int(valid.sum()) == 6
+    inside = valid.bool()
+    assert torch.allclose(aligned[0][inside], expected[inside], atol=1e-4)
+    # a window of half the side at the origin: centres 8 px apart from (4, 4)
+    half, w = radio.align_tokens(centres[None], (4, 4), (4, 4), torch.zeros(1, 2), 0.5)
+    inner = torch.tensor([[8 * c + 4.0, 8 * r + 4.0] for r in range(4) for c in range(4)])
+    assert w.all()
+    corner = torch.tensor([i for i in range(16) if 8 <= inner[i, 0] <= 56 and 8 <= inner[i, 1] <= 56])
+    assert torch.allclose(half[0][corner], inner[corner], atol=1e-4)  # bilinear is exact between centres
+
+
+def test_weighted_spatial_and_mesa_losses_by_hand():
+    phis = radio.PHIS(2)  # identity rotation, zero mean, alpha 1: PHI-S leaves the target as it is
+    phis.rotation.copy_(torch.eye(2))
+    phis.alpha.fill_(1.0)
+    pred = torch.tensor([[[1.0, 0.0], [5.0, 5.0]]])
+    target = dict(spatial=torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]), summary=torch.ones(1, 2))
+    weight = torch.tensor([[1.0, 0.0]])  # the second token lies outside the student's window
+    terms = radio.teacher_losses("cradio", torch.ones(1, 2), pred, target, phis, weight)
+    assert float(terms["spatial"]) == pytest.approx(0.5)  # ((1 - 0)^2 + 0^2) / 2, first token only
+    # MESA: layer norm (no affine) of (1, 3) is (-1, 1); of (2, 2) is (0, 0): squared difference mean 1
+    s = torch.tensor([[[1.0, 3.0], [0.0, 9.0]]])
+    e = torch.tensor([[[2.0, 2.0], [9.0, 0.0]]])
+    assert float(radio.mesa_loss(s, e, weight)) == pytest.approx(1.0, abs=1e-4)
+    assert float(radio.mesa_loss(s, s, torch.ones(1, 2))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_random_windows_cut_the_crop_at_their_offsets():
+    crops = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    wins, off, side = radio.random_windows(crops, 0.25, torch.Generator().manual_seed(0))
+    assert side == 6 and wins.shape == (2, 1, 6, 6) and ((off >= 0) & (off <= 2)).all()
+    for i, (x, y) in enumerate(off.tolist()):
+        assert torch.equal(wins[i, 0], crops[i, 0, y:y + 6, x:x + 6])
