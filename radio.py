@@ -66,9 +66,10 @@ Deviations from the papers (and why):
   inside the student's window. The report gives the idea, not the window sampling: ours is one.
 - MESA (`--mesa_weight W`, off by default; `--mesa_momentum`, `--mesa_shift_max`): an EMA copy of
   the student (frozen, saved in the checkpoint) sees a window of side (1 - mesa_shift_max) x the
-  student's low-resolution input, anywhere inside it, resized to the same side; loss: mean squared
-  difference of the layer-normed (no affine) student tokens, aligned as above, and EMA tokens. On
-  the low-resolution part of each step only, to keep its cost down.
+  student's native window, anywhere inside it, downsampled to the student's side (so it also sees a
+  slight zoom); loss: mean squared difference of the layer-normed (no affine) student tokens,
+  aligned as above, and EMA tokens. On the low-resolution part of each step only, to keep its cost
+  down; the report leaves the EMA's view and this choice open.
 - Not implemented: FeatSharp upsampling of low-resolution teachers.
 - Optimiser: AdamW with cosine decay and gradient clipping; the papers' exact schedules are for
   hundreds of thousands of steps at batch 1024 and were not copied (small/base are our scaling).
@@ -346,6 +347,24 @@ def mesa_loss(student_tokens: torch.Tensor, ema_tokens: torch.Tensor, weight: to
     return weighted_mean(diff.pow(2).mean(-1), weight)
 
 
+def mesa_ema(student: common.ViT) -> common.ViT:
+    """MESA's EMA of the student: a copy, frozen and in eval mode (updated by common.ema_update)."""
+    return copy.deepcopy(student).requires_grad_(False).eval()
+
+
+def mesa_term(ema: common.ViT, native: torch.Tensor, res: int, tokens: torch.Tensor, grid: tuple[int, int],
+              frac: float, gen: torch.Generator) -> torch.Tensor:
+    """MESA on one part: the EMA sees a window of side (1 - frac) x the student's native window
+    (n, 1, S, S), anywhere inside it, downsampled to the student's side res; the student's patch
+    tokens (n, h*w, D) on grid are sampled at the EMA's token centres and compared (mesa_loss)."""
+    win, off, side = random_windows(native, frac, gen)
+    with torch.no_grad(), common.autocast(native.device):
+        out = ema(common.to_model_input(resize_images(win, res)))
+    S = native.shape[-1]
+    aligned, weight = align_tokens(tokens, grid, out["grid"], off.float() / S, side / S)
+    return mesa_loss(aligned, out["patches"], weight)
+
+
 @dataclasses.dataclass
 class Teacher:
     name: str
@@ -613,7 +632,7 @@ def main(argv=None):
     models = {"student": student, "summary_heads": model.summary_heads, "spatial_heads": model.spatial_heads}
     ema = None
     if cfg.mesa_weight > 0:  # MESA's EMA of the student: frozen, eval mode, saved for exact resume
-        ema = copy.deepcopy(student).requires_grad_(False).eval()
+        ema = mesa_ema(student)
         models["mesa_ema"] = ema
     opt = common.adamw(common.param_groups(model), lr=0.0, betas=(0.9, 0.999), device=dev)
 
@@ -635,34 +654,26 @@ def main(argv=None):
         common.set_lr_wd(opt, lr, cfg.weight_decay)
         parts = resolution_parts(crops, cfg, common.step_generator(cfg.seed, step, run.dist.rank))
         shift_gen = common.step_generator(cfg.seed + 2, step, run.dist.rank)  # its own draws: off = unchanged
-        origins = None
+        student_native, origins = [part for part, _ in parts], None
         if cfg.shift_max > 0:  # the student and the teachers see different windows of each crop
-            windows, origins = [], []
-            for part, res in parts:
-                s_win, s_off, side = random_windows(part, cfg.shift_max, shift_gen)
+            teacher_native, origins = [], []
+            for k, (part, _) in enumerate(parts):
+                student_native[k], s_off, win_side = random_windows(part, cfg.shift_max, shift_gen)
                 t_win, t_off, _ = random_windows(part, cfg.shift_max, shift_gen)
-                windows.append(((s_win, t_win), res))
-                origins.append((t_off - s_off).float() / side)
-            targets = [[t(t_win, res) for t in teachers] for (_, t_win), res in windows]  # frozen, no_grad
-            student_in = [resize_images(s_win, res) for (s_win, _), res in windows]
+                teacher_native.append(t_win)
+                origins.append((t_off - s_off).float() / win_side)  # teachers' corner in student-window units
+            targets = [[t(t_win, res) for t in teachers] for t_win, (_, res) in zip(teacher_native, parts)]
         else:
             targets = [[t(part, res) for t in teachers] for part, res in parts]  # frozen, no_grad
-            student_in = [resize_images(part, res) for part, res in parts]
+        student_in = [resize_images(win, res) for win, (_, res) in zip(student_native, parts)]
         with common.autocast(dev):
             preds, tokens = fwd(student_in, [[tgt["grid"] for tgt in part_targets] for part_targets in targets],
                                 origins)
         loss, metrics = 0.0, {}
         if ema is not None:  # MESA on the first (low-resolution) part: the EMA sees a window inside the student's
-            img = student_in[0]
-            e_win, e_off, e_side = random_windows(img, cfg.mesa_shift_max, shift_gen)
-            with torch.no_grad(), common.autocast(dev):
-                e_out = ema(common.to_model_input(resize_images(e_win, img.shape[-1])))
-            s_tokens, s_grid = tokens[0]
-            aligned, weight = align_tokens(s_tokens, s_grid, e_out["grid"], e_off.float() / img.shape[-1],
-                                           e_side / img.shape[-1])
-            metrics["mesa"] = mesa_loss(aligned, e_out["patches"], weight)
-            loss = loss + cfg.mesa_weight * metrics["mesa"]
-            metrics["mesa"] = metrics["mesa"].detach()
+            mesa = mesa_term(ema, student_native[0], parts[0][1], *tokens[0], cfg.mesa_shift_max, shift_gen)
+            loss = loss + cfg.mesa_weight * mesa
+            metrics["mesa"] = mesa.detach()
         for (part, _), part_preds, part_targets in zip(parts, preds, targets):
             share = part.shape[0] / crops.shape[0]  # each image counts once, whatever its resolution
             for i, (t, (summary, spatial, weight), target) in enumerate(zip(teachers, part_preds, part_targets)):
