@@ -122,22 +122,52 @@ def finished(run_dir: Path, steps: int) -> bool:
         int(ckpt.name.split("_")[-1]) >= steps
 
 
+def run_training(name: str, cmd: list[str], run_dir: Path, a, why: str = ""):
+    """Train (or continue with --resume) one entry's run dir up to its last step."""
+    check_run_dir(name, cmd, run_dir)
+    if finished(run_dir, int(cmd[cmd.index("--steps") + 1])):
+        return
+    resume = common.latest_checkpoint(run_dir) is not None
+    print(f"[bakeoff] {'resuming' if resume else 'training'} {name}{why}: {shlex.join(cmd)}", flush=True)
+    if not a.dry_run:
+        exe = [sys.executable] + cmd[1:] if cmd[0] == "python" else cmd
+        subprocess.run(exe + (["--resume"] if resume else []), cwd=ROOT, check=True)
+
+
+def recipe_argv(cmd: list[str]) -> list[str]:
+    """The recipe file and its flags, without the launcher (python / torchrun ...)."""
+    i = next(i for i, c in enumerate(cmd) if c.endswith(".py"))
+    return cmd[i:]
+
+
+def ensure_teachers(name: str, a, res: Path):
+    """An entry's teachers must be on disk. Results files are committed but run dirs are not, so
+    on a fresh clone a finished teacher has its results and no backbone: it is trained again
+    with the command its results record (the same resolved config, so the same run)."""
+    for dep in ENTRIES[name][2]:
+        rec = res / f"{dep}.train.json"
+        if not rec.is_file():
+            raise SystemExit(f"{name} needs {dep} first (run it, or drop {name} from --only)")
+        cmd, run_dir = entry_command(dep, a)
+        if finished(run_dir, int(cmd[cmd.index("--steps") + 1])):
+            continue
+        recorded = shlex.split(json.loads(rec.read_text())["command"])
+        if recipe_argv(recorded) != recipe_argv(cmd):
+            raise SystemExit(f"{name} needs {dep}'s backbone, which is not in {run_dir}, and {rec} records another "
+                             f"command ({shlex.join(recorded)}) than the bake-off now plans ({shlex.join(cmd)}): "
+                             f"delete {rec} and its .probe.json to rerun {dep}")
+        ensure_teachers(dep, a, res)
+        run_training(dep, cmd, run_dir, a, why=f" again (a teacher of {name}; its run dir is not in this checkout)")
+
+
 def train(name: str, a, res: Path) -> dict:
     out = res / f"{name}.train.json"
     if out.is_file():
         return json.loads(out.read_text())
     cmd, run_dir = entry_command(name, a)
-    for dep in ENTRIES[name][2]:
-        if not (res / f"{dep}.train.json").is_file():
-            raise SystemExit(f"{name} needs {dep} first (run it, or drop {name} from --only)")
-    check_run_dir(name, cmd, run_dir)
+    ensure_teachers(name, a, res)
     t0 = time.time()
-    if not finished(run_dir, int(cmd[cmd.index("--steps") + 1])):
-        resume = common.latest_checkpoint(run_dir) is not None
-        print(f"[bakeoff] {'resuming' if resume else 'training'} {name}: {shlex.join(cmd)}", flush=True)
-        if not a.dry_run:
-            exe = [sys.executable] + cmd[1:] if cmd[0] == "python" else cmd
-            subprocess.run(exe + (["--resume"] if resume else []), cwd=ROOT, check=True)
+    run_training(name, cmd, run_dir, a)
     if a.dry_run:
         return {}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

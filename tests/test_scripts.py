@@ -58,6 +58,25 @@ def test_bakeoff_teacher_entries_point_at_the_bake_offs_own_run_dirs(tmp_path):
         bakeoff.run_dirs_in("{run:nope}/backbone.safetensors", str(runs))
 
 
+def test_bakeoff_retrains_a_teacher_whose_run_dir_is_not_in_the_checkout(tmp_path, capsys):
+    a = _args(tmp_path)
+    a.dry_run = True
+    res = tmp_path / "results"
+    res.mkdir()
+    mae_cmd, _ = bakeoff.entry_command("mae", a)
+    (res / "mae.train.json").write_text(json.dumps(dict(command=" ".join(mae_cmd))))
+    bakeoff.ensure_teachers("beit_vqkd", a, res)  # mae finished earlier (results), its run dir absent
+    assert "training mae again" in capsys.readouterr().out
+    bakeoff.ensure_teachers("capi", a, res)  # no teachers: nothing to do
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match="needs dinov3_continual first"):
+        bakeoff.ensure_teachers("radio", a, res)
+    stale = mae_cmd[:mae_cmd.index("--steps") + 1] + ["500"]  # recorded under another budget
+    (res / "mae.train.json").write_text(json.dumps(dict(command=" ".join(stale))))
+    with pytest.raises(SystemExit, match="records another command"):
+        bakeoff.ensure_teachers("beit_vqkd", a, res)
+
+
 def _probe(name, best, layers, rank=50.0):
     return dict(name=name, arch={"embed_dim": 192, "depth": 12, "num_heads": 3},
                 dense=dict(best_miou=best, best_layer=max(layers, key=layers.get), last_miou=layers[max(layers)],
