@@ -143,7 +143,9 @@ def recipe_argv(cmd: list[str]) -> list[str]:
 def ensure_teachers(name: str, a, res: Path):
     """An entry's teachers must be on disk. Results files are committed but run dirs are not, so
     on a fresh clone a finished teacher has its results and no backbone: it is trained again
-    with the command its results record (the same resolved config, so the same run)."""
+    with the command its results record (that command under today's presets: a preset changed since
+    would need the teacher's results deleted and rerun; floating-point results may differ in the last
+    bits with another thread count)."""
     for dep in ENTRIES[name][2]:
         rec = res / f"{dep}.train.json"
         if not rec.is_file():
