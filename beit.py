@@ -66,8 +66,8 @@ Deviations from the papers (and why):
 - Tokenizer optimiser: AdamW (0.9, 0.99), wd 1e-4 (official command); its lr is ours (the
   official command relies on the script's default).
 - Tiny preset (2-core CPU): the tokenizer has no encoder blocks (a code per patch, from that
-  patch alone, as a local dVAE code; with attention blank paper spread over ~25 codes that
-  MIM could not predict), 128 codes, MIM lr 1e-3 at batch 32; measured, see PRESETS["tiny"].
+  patch alone, as a local dVAE code; with attention in the tokenizer MIM accuracy stayed below
+  the majority code), 128 codes, MIM lr 1e-3 at batch 32; measured, see PRESETS["tiny"].
 """
 from __future__ import annotations
 
@@ -135,9 +135,10 @@ PRESETS = {
     # 2026-12-01 (probe best-block mIoU; random init of this architecture 14.6 +- 0.0, 3 seeds):
     # - earlier preset (4-block tokenizer encoder, 512 codes, lr 2e-3, 1,500 MIM steps): MIM loss 0.87 x
     #   the running code marginal, accuracy below the batch's majority code, probe 14.8 (+0.2). Attention
-    #   made each code depend on its neighbours: blank paper took ~25 codes that no context predicts.
-    # - tokenizer_depth 0: 0.79 x, accuracy above the majority code from step ~1,100, probe 15.4 (+0.8);
-    #   with it, 128 codes: 0.76 x, 15.6 (+1.0); lr 1e-3 (512 codes): 0.77 x, 15.7 (+1.1).
+    #   makes each code depend on its neighbours; blank paper had 50% of its patches on its top code.
+    # - tokenizer_depth 0 (blank paper 76% on its top code): 0.79 x, accuracy above the majority code from
+    #   step ~1,100, probe 15.4 (+0.8); with it, 128 codes: 0.76 x, 15.6 (+1.0); lr 1e-3 (512 codes):
+    #   0.77 x, 15.7 (+1.1).
     # - all three with 1,700 MIM steps (this preset): 0.72 x, accuracy 0.39 vs majority 0.29 over the last
     #   200 steps, ink-patch accuracy 0.21, probe 15.9 (+1.3): NOT the +2 of the recipe bar. 634 ms per
     #   MIM step on 2 idle cores; the whole run took 19.5 min.
