@@ -14,7 +14,7 @@ embeddings replaced by a mask token, and a linear LM head on the masked position
 one's code (cross-entropy). The encoder is the backbone that gets evaluated.
 
 Commands:
-  CPU, tiny (2 idle cores: tokenizer 400 steps + MIM 1,700 x 634 ms/step = 19.5 min, measured):
+  CPU, tiny (2 idle cores: tokenizer 400 steps + MIM 1,700 x 634 ms/step; the run took 19.5 min):
       python beit.py --preset tiny
   the v2 tokenizer, distilled from another recipe's backbone:
       python beit.py --preset tiny --tokenizer vqkd --teacher runs/mae/backbone.safetensors --out_dir runs/beit_vqkd

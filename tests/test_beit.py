@@ -337,3 +337,20 @@ def test_marginal_cross_entropy_hand_computed():
     targets = torch.tensor([0, 1])
     expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert float(beit.marginal_cross_entropy(counts, targets)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_tokenizer_without_encoder_blocks_codes_each_patch_from_its_own_pixels():
+    # the tiny preset's tokenizer (depth 0): a patch's code must not depend on its neighbours
+    torch.manual_seed(0)
+    tok = beit.Tokenizer(dim=32, depth=0, heads=2, decoder_depth=1, n_codes=8, code_dim=4, decay=0.99,
+                         target_dim=256)
+    img = torch.rand(1, 1, 32, 32)
+    other = img.clone()
+    other[..., 16:, :] = torch.rand(1, 1, 16, 32)  # change the bottom row of patches only
+    z, _ = tok.encode(img)
+    z2, _ = tok.encode(other)
+    assert torch.allclose(z[:, :2], z2[:, :2], atol=1e-6)  # top patches: same vectors
+    assert not torch.allclose(z[:, 2:], z2[:, 2:], atol=1e-3)
+    deep = beit.Tokenizer(dim=32, depth=1, heads=2, decoder_depth=1, n_codes=8, code_dim=4, decay=0.99,
+                          target_dim=256)
+    assert not torch.allclose(deep.encode(img)[0][:, :2], deep.encode(other)[0][:, :2], atol=1e-6)  # attention mixes
