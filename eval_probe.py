@@ -605,6 +605,7 @@ def probe_checkpoint(name: str, model: ViT, train: TileSet, val: TileSet, classe
                diagnostics=diagnostics(fval, val, last), time_s=round(time.time() - t0, 1))
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir and examples:  # --examples 0: no examples.png
         save_examples(out_dir / "examples.png", val, examples, fval["layers"][last], maps, classes,
                       f"{name}: best block {res['dense']['best_layer']}, mIoU {100 * res['dense']['best_miou']:.1f}")
     return res
@@ -737,7 +738,7 @@ def parse_args(argv=None):
     ap.add_argument("--random_seeds", type=int, default=3, help="seeds 0..n-1 of the random-init baseline")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     ap.add_argument("--batch_size", type=int, default=32, help="tiles per forward pass of feature extraction")
-    ap.add_argument("--examples", type=int, default=4, help="held-out sheets drawn in examples.png")
+    ap.add_argument("--examples", type=int, default=4, help="held-out sheets drawn in examples.png (0: none, no file)")
     return ap.parse_args(argv)
 
 

@@ -212,3 +212,12 @@ def test_cli_smoke_synthetic(tmp_path):
         assert (out / f).stat().st_size > 0
     md = (out / "probe.md").read_text()
     assert "random init vit_tiny, 2 seeds" in md and "raw pixels" in md and "oracle" in md
+
+
+def test_examples_zero_writes_results_and_no_examples_png(tmp_path):
+    """--examples 0 (scripts/bench.py probe uses it) used to crash drawing an empty figure."""
+    out = tmp_path / "out"
+    ep.main(["--ckpt", "random:vit_tiny", "--n_train", "8", "--n_val", "8", "--tile", "112", "--layers", "last",
+             "--random_seeds", "0", "--out_dir", str(out), "--examples", "0"])
+    assert json.loads((out / "random-vit_tiny" / "results.json").read_text())["dense"]["best_miou"] > 0
+    assert not (out / "random-vit_tiny" / "examples.png").exists()
