@@ -59,7 +59,8 @@ Deviations from the paper and the official code (and why):
 - Tiny preset (CPU minutes): 128 px crops with RoPE coordinate jitter; see PRESETS["tiny"].
   Tried at this preset, not adopted (2026-12-02): `--lr 3e-4 --start_lr 1e-4 --ema_start 0.998`
   keeps the target encoder from collapsing (effective rank 70 instead of 16.8, target std 0.48
-  instead of 0.29) but it stays near its random init: probe 14.5 vs 14.6 for random init.
+  instead of 0.29 in the bake-off's run of the preset) but it stays near its random init:
+  probe 14.5 vs 14.6 for random init.
 """
 from __future__ import annotations
 
