@@ -605,9 +605,10 @@ def probe_checkpoint(name: str, model: ViT, train: TileSet, val: TileSet, classe
                diagnostics=diagnostics(fval, val, last), time_s=round(time.time() - t0, 1))
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if out_dir and examples:  # --examples 0: no examples.png
-        save_examples(out_dir / "examples.png", val, examples, fval["layers"][last], maps, classes,
-                      f"{name}: best block {res['dense']['best_layer']}, mIoU {100 * res['dense']['best_miou']:.1f}")
+        if examples:  # --examples 0: no examples.png
+            save_examples(out_dir / "examples.png", val, examples, fval["layers"][last], maps, classes,
+                          f"{name}: best block {res['dense']['best_layer']}, "
+                          f"mIoU {100 * res['dense']['best_miou']:.1f}")
     return res
 
 

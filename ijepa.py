@@ -306,7 +306,7 @@ def main(argv=None):
     dev, p = run.device, 16
     rope_rescale = cfg.rope_rescale or None
     encoder = (common.load_backbone(cfg.init, rope_rescale=rope_rescale) if cfg.init
-               else common.vit(cfg.arch, rope_rescale=rope_rescale, layerscale_init=cfg.layerscale_init or None))
+               else common.vit(cfg.arch, rope_rescale=rope_rescale, layerscale_init=cfg.layerscale_init))
     predictor = Predictor(encoder.embed_dim, encoder.n_prefix, dim=cfg.pred_dim, depth=cfg.pred_depth,
                           heads=cfg.pred_heads)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()  # eval: no RoPE jitter
