@@ -89,6 +89,30 @@ def test_block_masks_hit_the_exact_count_in_blocks(grid, n_masked):
     assert in_blocks / 100 > 0.7  # most masked patches lie in blocks, the rest is the exact-count top-up
 
 
+class CountingRandom(random.Random):
+    """Counts the patches the exact-count top-up draws (the only rng.sample call of block_mask)."""
+    topped = 0
+
+    def sample(self, population, k):
+        self.topped += k
+        return super().sample(population, k)
+
+
+def test_tiny_grid_needs_the_smaller_minimum_block():
+    # the tiny preset: 96 px crops (6 x 6 patches), 40% masked = 14 patches, min_block 9
+    cfg = beit.BEiTConfig(**beit.PRESETS["tiny"])
+    h = w = cfg.img_size // 16
+    n_masked = int(h * w * cfg.mask_ratio)
+    shares = {}
+    for min_block in (cfg.min_block, 16):
+        rng = CountingRandom(0)
+        for _ in range(300):
+            assert int(beit.block_mask(h, w, n_masked, rng, min_block=min_block).sum()) == n_masked
+        shares[min_block] = rng.topped / (300 * n_masked)
+    assert shares[cfg.min_block] < 0.05  # nearly all in blocks
+    assert shares[16] > 0.25  # the paper's minimum: block tries rarely fit, many scattered patches
+
+
 # ---------------------------------------------------------------------------------------
 # EMA codebook
 # ---------------------------------------------------------------------------------------
