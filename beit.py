@@ -151,11 +151,11 @@ PRESETS = {
     # jitter 2.33 so it also sees the 14 x 14 spacing) cost ~0.65x per step: with 2,700 steps (86,400 images
     # instead of 54,400) MIM 0.64 x, ink-patch accuracy 0.25, probe 18.1 (+3.5). On 2 idle cores a step took
     # 430 ms, so 2,700 steps came to ~20.6 min with the tokenizer: the preset has 2,400 (this preset, below).
+    # min_block 9: with the paper's 16-patch minimum most block tries do not fit 14 masked patches of 36
+    # and 41% of the masked patches come from the scattered top-up (1,000 masks); with 9, 0.7%.
     # This preset alone on 2 idle cores: 17 min 56 s (MIM at 429 ms/step), MIM 0.65 x the code marginal,
     # ink-patch accuracy 0.25, probe 17.1 vs random init 14.6 +- 0.0 (+2.5). In the bake-off's 1,200 steps:
     # vqvae +1.5, vqkd from the MAE +0.1 (results/probe_tiny_beit_96px.md, results/bakeoff_tiny.md).
-    # min_block 9: with the paper's 16-patch minimum most block tries do not fit 14 masked patches of 36
-    # and 41% of the masked patches come from the scattered top-up (1,000 masks); with 9, 0.7%.
     "tiny": dict(arch="vit_tiny", img_size=96, rope_rescale=2.33, batch_size=32, steps=2400, lr=1e-3,
                  warmup_steps=50, drop_path=0.0, aggregation_layer=0, min_ink=0.1, min_block=9,
                  tokenizer_steps=400, tokenizer_batch_size=32, tokenizer_lr=2e-3, tokenizer_warmup_steps=30,
