@@ -14,7 +14,7 @@ embeddings replaced by a mask token, and a linear LM head on the masked position
 one's code (cross-entropy). The encoder is the backbone that gets evaluated.
 
 Commands:
-  CPU, tiny (2 idle cores: tokenizer 400 steps + MIM 2,400 x 429 ms/step at 96 px; the run took 17.9 min):
+  CPU, tiny (tokenizer 400 steps + MIM 2,400 steps at 96 px, ~18 min on 2 cores; results/probe_tiny_beit_96px.md):
       python beit.py --preset tiny
   the v2 tokenizer, distilled from another recipe's backbone:
       python beit.py --preset tiny --tokenizer vqkd --teacher runs/mae/backbone.safetensors --out_dir runs/beit_vqkd
@@ -60,6 +60,13 @@ Deviations from the papers (and why):
   blocks without registers or LayerScale. v2 patch aggregation (`--aggregation_layer`) feeds the
   final cls token and the normed patch tokens of that block to two extra blocks and the shared
   LM head (v2 takes pre-norm tokens).
+- Block masks: BEiT's generator (blocks of >= min_block patches, area U(min_block, remaining),
+  aspect log-U(0.3, 1/0.3), 10 tries a block), topped up with random single patches to exactly
+  the requested count, as BEiT v2 does; v1 stops when no block fits and under-masks (75 wanted of
+  14 x 14: 74.5 on average, about a third of the draws short). The count is a fraction of the
+  grid, floored (the official scripts take a count, --num_mask_patches 75 of 196): the default
+  0.383 gives the official 75 at 224 px (0.4 would give 78); the tiny preset keeps 0.4, 14 of its
+  36 patches (0.383 would give 13).
 - Views: crops at native resolution with mild scale jitter and ink-aware sampling instead of
   RandomResizedCrop + horizontal flip (flip mirrors text; sheets have a physical scale); both
   stages draw the same kind of views (separate streams).
@@ -112,7 +119,7 @@ class BEiTConfig(common.TrainConfig):
     commitment: float = 1.0  # weight of the commitment loss ||z - sg(code)||^2 (v2: 1)
     dead_code_steps: int = 20  # a code unused by the global batch this many steps in a row is re-seeded
     # masked image modeling (stage 2)
-    mask_ratio: float = 0.4  # fraction of patches replaced by the mask token (paper: 75 of 196)
+    mask_ratio: float = 0.383  # fraction of patches replaced by the mask token, floored: 75 of 196 (paper)
     min_block: int = 16  # smallest block area in patches (paper)
     lr: float = 1.5e-3  # peak learning rate (paper: 1.5e-3 at batch 2048)
     warmup_steps: int = 5_000  # linear warmup, then cosine to 0
@@ -130,34 +137,24 @@ class BEiTConfig(common.TrainConfig):
 
 
 PRESETS = {
-    # 2-core CPU, tokenizer + pretraining <= 20 min (small crops with RoPE jitter so the small grid also
-    # sees the probe's 14 x 14 spacing, inky crops, short warmup; no aggregation branch (two more blocks
-    # per step) and no drop-path in runs this short).
-    # Tokenizer: no encoder blocks (tokenizer_depth 0: the patch embedding, its norm and the code head,
-    # so each code is a function of its own 16 px patch), 128 codes, a 2-block decoder. Measured
-    # 2026-12-01 (probe best-block mIoU; random init of this architecture 14.6 +- 0.0, 3 seeds):
-    # - earlier preset (4-block tokenizer encoder, 512 codes, lr 2e-3, 1,500 MIM steps): MIM loss 0.87 x
-    #   the running code marginal, accuracy below the batch's majority code, probe 14.8 (+0.2). Attention
-    #   makes each code depend on its neighbours; blank paper had 50% of its patches on its top code.
-    # - tokenizer_depth 0 (blank paper 76% on its top code): 0.79 x, accuracy above the majority code from
-    #   step ~1,100, probe 15.4 (+0.8); with it, 128 codes: 0.76 x, 15.6 (+1.0); lr 1e-3 (512 codes):
-    #   0.77 x, 15.7 (+1.1).
-    # - all three with 1,700 MIM steps (the preset until 2026-12-02): 0.72 x, accuracy 0.39 vs majority
-    #   0.29 over the last 200 steps, ink-patch accuracy 0.21, probe 15.9 (+1.3): short of the +2 bar.
-    #   634 ms per MIM step on 2 idle cores; the whole run took 19.5 min.
-    # Measured 2026-12-02 from that preset (one thread each, two runs sharing the cores): mask ratio 0.5 +
-    # min_ink 0.2: 15.9; mask 0.6 + min_ink 0.2: 15.0; LayerScale init 1e-5: 15.3 (best block 6). More
-    # targets per image or inkier crops did not help. 96 px crops (CAPI's tiny choice: a 6 x 6 grid, RoPE
-    # jitter 2.33 so it also sees the 14 x 14 spacing) cost ~0.65x per step: with 2,700 steps (86,400 images
-    # instead of 54,400) MIM 0.64 x, ink-patch accuracy 0.25, probe 18.1 (+3.5). On 2 idle cores a step took
-    # 430 ms, so 2,700 steps came to ~20.6 min with the tokenizer: the preset has 2,400 (this preset, below).
-    # min_block 9: with the paper's 16-patch minimum most block tries do not fit 14 masked patches of 36
-    # and 41% of the masked patches come from the scattered top-up (1,000 masks); with 9, 0.7%.
-    # This preset alone on 2 idle cores: 17 min 56 s (MIM at 429 ms/step), MIM 0.65 x the code marginal,
-    # ink-patch accuracy 0.25, probe 17.1 vs random init 14.6 +- 0.0 (+2.5). In the bake-off's 1,200 steps:
-    # vqvae +1.5, vqkd from the MAE +0.1 (results/probe_tiny_beit_96px.md, results/bakeoff_tiny.md).
+    # 2-core CPU, tokenizer + pretraining <= 20 min. Probe best-block mIoU against random init of this
+    # architecture, 14.6 (results/probe_tiny_beit_tokenizer.md, results/probe_tiny_beit_96px.md):
+    # - img_size 96 (6 x 6 patches): a step costs ~0.65x a 128 px one, so 2,400 MIM steps (76,800 images,
+    #   not 54,400) fit; images seen is what lifted the probe: 17.1 (+2.5), against 15.9 (+1.3) at 128 px.
+    # - rope_rescale 2.33: the 6 x 6 grid also sees the coordinate spacing of the probe's 14 x 14 grid.
+    # - tokenizer_depth 0 (the patch embedding, its norm and the code head: a code per 16 px patch, from
+    #   that patch alone): with a 4-block encoder each code depended on its neighbours, MIM accuracy stayed
+    #   below the batch's majority code and the probe was +0.2; without, +0.8.
+    # - codebook_size 128, lr 1e-3: each a little better than 512 codes or lr 2e-3 (+1.0, +1.1 vs +0.8).
+    # - min_block 9: with the paper's 16, 41% of the 14 masked patches of 36 come from the scattered
+    #   top-up; with 9, 0.7%.
+    # - mask_ratio 0.4, min_ink 0.1, LayerScale 0.1 kept: mask 0.5 or 0.6 with min_ink 0.2, or LayerScale
+    #   1e-5, probed no better (15.9, 15.0, 15.3 vs 15.9 at 128 px).
+    # - short warmups, no aggregation branch (two more blocks per step), no drop-path: runs this short.
+    # Outcome: MIM loss 0.65 x the running code marginal, ink-patch accuracy 0.25, probe 17.1 (+2.5);
+    # at the bake-off's 1,200 steps +1.5 (vqvae) and +0.1 (vqkd from the MAE) (results/bakeoff_tiny.md).
     "tiny": dict(arch="vit_tiny", img_size=96, rope_rescale=2.33, batch_size=32, steps=2400, lr=1e-3,
-                 warmup_steps=50, drop_path=0.0, aggregation_layer=0, min_ink=0.1, min_block=9,
+                 warmup_steps=50, drop_path=0.0, aggregation_layer=0, mask_ratio=0.4, min_ink=0.1, min_block=9,
                  tokenizer_steps=400, tokenizer_batch_size=32, tokenizer_lr=2e-3, tokenizer_warmup_steps=30,
                  tokenizer_dim=192, tokenizer_depth=0, tokenizer_heads=3, decoder_depth=2, codebook_size=128,
                  num_workers=1, log_every=20, ckpt_every=250),
@@ -475,12 +472,10 @@ def train_tokenizer(cfg: BEiTConfig, path: Path) -> bool:
     common.print0(f"[beit] tokenizer code usage (EMA histogram): {final['codes_for_90pct']} of {cfg.codebook_size} "
                   f"codes cover 90% of the patches, perplexity {final['perplexity']:.1f}")
     if run.dist.is_main:
-        from safetensors.torch import save_file
         meta = {"config": json.dumps(tokenizer.config), "kind": cfg.tokenizer, "teacher": cfg.teacher,
                 "img_size": str(cfg.img_size), "usage": json.dumps(final)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        common.save_safetensors({k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}, path,
+                                metadata=meta)
     common.barrier()
     return True
 

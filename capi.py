@@ -15,7 +15,8 @@ pixels, no tokenizer, no hand-made augmentation. The teacher's encoder is export
 finds the EMA model ahead of the student throughout training).
 
 Commands:
-  CPU, tiny (2,200 steps of 96 px crops x 366 ms = about 13.5 min on 2 idle cores):  python capi.py --preset tiny
+  CPU, tiny (2,200 steps of 96 px crops x ~0.37 s = about 13.5 min on 2 cores; results/bench_tiny.md):
+      python capi.py --preset tiny
   one GPU, ViT-S:  torchrun --standalone --nproc_per_node=1 capi.py --preset small --data DIR
   8 GPUs, ViT-B:   torchrun --standalone --nproc_per_node=8 capi.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -60,7 +61,7 @@ Deviations from the paper and the official code (and why):
 - Tiny preset (CPU minutes): 96 px crops (6 x 6 patches) for 2,200 steps, 4 registers,
   K = batch = 32, every masked patch predicted, clustering lr 2x the backbone's, momentum
   1 - 2 lr, inky crops; each choice measured, see PRESETS["tiny"]. With it the exported teacher
-  probes +2.5 mIoU over random init at its last block (64 px crops for 4,000 steps: +1.6, at block 1).
+  probes +2.5 mIoU over random init at its last block (results/probe_tiny_capi.md).
 """
 from __future__ import annotations
 
@@ -110,16 +111,14 @@ class CAPIConfig(common.TrainConfig):
 
 
 PRESETS = {
-    # 2-core CPU, <= 20 min. The choices below were each measured against the paper's value
-    # in 3-minute runs at 64 px (reading the loss against `trivial`), then the crop size in full runs.
-    # - 96 px crops (6 x 6 patches), 2,200 steps, 4 registers instead of 16. 128 px with 16
-    #   registers at batch 64 cost ~6x more per step than 64 px (~1,000 steps would fit) and its
-    #   runs sat at `trivial` for all their 90-180 steps; at 64 px the loss leaves `trivial` after
-    #   ~300 steps and 16 registers outnumber the 6 visible patches (1.6x per step). Full runs
-    #   (2026-11-23): 64 px for 4,000 steps probed 16.3 best-block mIoU at block 1 (last block
-    #   13.6) vs 14.7 +- 0.1 for random init (+1.6); 96 px for 2,200 steps (1.7x the step time)
-    #   probed 17.2 at the last block (+2.5), loss 0.80 of `trivial` over the last 200 steps.
-    #   RoPE jitter up to 2.33x lets the 6 x 6 grid's coordinate spacing reach the probe's 14 x 14.
+    # 2-core CPU, <= 20 min. Each choice was measured against the paper's value in 3-minute runs at
+    # 64 px (reading the loss against `trivial`), the crop size in full runs probed against random init,
+    # 14.7 (results/probe_tiny_capi.md, results/probe_tiny_dino_ibot_dinov2_capi.md):
+    # - 96 px crops (6 x 6 patches), 2,200 steps: 17.2 best-block mIoU at the last block (+2.5), against
+    #   16.3 at block 1 (+1.6; last block 13.6) for 64 px crops and 4,000 steps; 128 px crops cost ~6x a
+    #   64 px step and their short runs never left `trivial`.
+    # - rope_rescale 2.33: the 6 x 6 grid's coordinate spacing then reaches the probe's 14 x 14.
+    # - 4 registers instead of 16: 16 outnumber the visible patches of a small crop (1.6x per step at 64 px).
     # - K = 32 = batch: the paper has as many prototypes as images per step (16384), so that each
     #   position's Sinkhorn-Knopp balances about one token per prototype; with K = 256 the targets
     #   drifted towards uniform (entropy 3.4 -> 4.8 of ln 256 = 5.5 by step 400), the loss stayed at

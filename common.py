@@ -10,7 +10,9 @@ Sections, in order:
   5. Optimisation: schedules, parameter groups, EMA, clipping
   6. Checkpoints: atomic save, exact resume, backbone export, SIGTERM handling
   7. Logging: console line + tqdm + metrics.jsonl
-  8. Sheet data: synthetic construction sheets, real corpus loader, views
+  8. Sheet data: the data contract (classes, sheet types, ink), real corpus loader, views,
+     datasets and loaders, labeled probe sets. The synthetic sheet generator lives in
+     sheetgen.py, imported only when `--data synthetic` asks for it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 # ImageNet statistics: DINOv3 (and most released ViTs) were trained with them, so sheets are
 # normalised the same way to keep official weights usable as a starting point.
@@ -57,6 +59,7 @@ ARCHS = {  # name -> (embed_dim, depth, num_heads)
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
+    "vit_test": (64, 2, 2),  # smoke tests and dry runs only: compiles in seconds
 }
 
 
@@ -296,9 +299,8 @@ def vit(name: str, **kw) -> ViT:
 
 def to_model_input(gray: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) grayscale in [0, 1] (1 = paper) -> (B, 3, H, W) ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=gray.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=gray.device).view(1, 3, 1, 1)
-    return (gray.float().expand(-1, 3, -1, -1) - mean) / std
+    gray = gray.float()  # per-channel constants as Python floats: no host-to-device copy (a sync) per step
+    return torch.cat([(gray - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dim=1)
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -401,14 +403,23 @@ def load_backbone(path: str, *, prefix: str | None = None, seed: int = 0, **arch
     return model
 
 
-def save_backbone(model: ViT, path: str | Path, **meta: Any):
-    """Write a ViT as safetensors with its architecture in the metadata (atomic)."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
+    """safetensors.save_file, atomic (tmp + rename), with the mode of any other new file (0644
+    under the usual umask; safetensors itself writes 0600)."""
     from safetensors.torch import save_file
     path = Path(path)
-    sd = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"arch": json.dumps(model.arch), **{k: str(v) for k, v in meta.items()}})
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def save_backbone(model: ViT, path: str | Path, **meta: Any):
+    """Write a ViT as safetensors with its architecture in the metadata (atomic)."""
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_safetensors(sd, path, metadata={"arch": json.dumps(model.arch), **{k: str(v) for k, v in meta.items()}})
 
 
 # ----------------------------------------------------------------------------------------
@@ -500,9 +511,24 @@ def barrier():
         dist.barrier()
 
 
+_AMP = {"mode": "auto"}
+
+
+def set_amp(mode: str):
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on any device (CPU too, to
+    test the GPU's code path); off: fp32 everywhere. Run sets it from --amp."""
+    if mode not in ("auto", "bf16", "off"):
+        raise SystemExit(f"--amp must be auto, bf16 or off, got {mode!r}")
+    _AMP["mode"] = mode
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 is a known NaN source for MAE/DINO); fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast (fp16 is a known NaN source for MAE/DINO) as set by set_amp; the loss
+    and every softmax over prototypes are computed in fp32 by the recipes."""
+    mode = _AMP["mode"]
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int):
@@ -536,8 +562,8 @@ class TrainConfig:
     """Fields every recipe has (the one command-line contract). Recipes subclass this with
     their own flat, commented fields; the comment after each field is its --help text."""
     preset: str = "tiny"  # tiny (2-core CPU, minutes) | small (ViT-S, GPUs) | base (ViT-B, GPUs)
-    data: str = "synthetic"  # "synthetic" (embedded generator) or a folder of sheets (PNG/JPEG/TIFF/BMP/WebP/PDF)
-    out_dir: str = ""  # run directory (default runs/<recipe>)
+    data: str = "synthetic"  # "synthetic" (the generator), or a folder or file of sheets (PNG/JPEG/TIFF/BMP/WebP/PDF)
+    out_dir: str = ""  # run directory
     steps: int = 1000  # optimisation steps
     init: str = ""  # start the backbone from this checkpoint (this project's, official DINOv3 .pth): continual pretraining
     resume: bool = False  # continue the run in out_dir exactly where its last checkpoint left it
@@ -549,6 +575,8 @@ class TrainConfig:
     log_every: int = 10  # steps between console/metrics.jsonl lines
     ckpt_every: int = 200  # steps between checkpoints (also written on SIGTERM/SIGINT)
     compile: bool = False  # torch.compile the model (GPU runs)
+    amp: str = "auto"  # mixed precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 (any device) | off
+    keep_ckpts: int = 1  # newest checkpoints kept in out_dir/checkpoint
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -579,6 +607,74 @@ def _parse_bool(v: str) -> bool:
     raise ValueError(f"expected a boolean, got {v!r}")
 
 
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "(empty)"  # as the flag takes it
+    return str(v) if v != "" else "''"
+
+
+def _flag_help(name: str, text: str, default, presets: dict[str, dict], recipe: str) -> str:
+    """--help of one field: its comment and the value a run gets: each preset's where a preset sets it."""
+    if name == "out_dir":
+        return f"{text} (default runs/{recipe})"
+    per = {p: vals.get(name, default) for p, vals in presets.items()}
+    if any(v != default for v in per.values()):
+        return f"{text} (by preset: " + ", ".join(f"{p} {_show(v)}" for p, v in per.items()) + ")"
+    if default in ("", ()) and "default" in text:  # the comment says what empty means
+        return text
+    return f"{text} (default {_show(default)})"
+
+
+_POSITIVE = ("steps", "batch_size", "log_every", "ckpt_every", "dpi", "keep_ckpts")
+_NON_NEGATIVE = re.compile(r"(^|_)b?lr(_|$)|weight_decay|_steps$|_every$|^num_workers$")  # learning rates, ...
+_RATIO = re.compile(r"ratio$")  # in [0, 1), both ends of a range
+_SHARE = re.compile(r"_fraction$|_probability$")  # in [0, 1]
+
+
+def config_problems(cfg) -> list[str]:
+    """Values no run can use, one line each naming the flag: the shared fields by name, a recipe's
+    own by the naming rules above; non-finite numbers; an unknown --arch; unreadable --data."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        nums = [x for x in (v if isinstance(v, (list, tuple)) else (v,))
+                if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        flag = f"--{f.name} {_show(v)}"
+        if not nums:
+            continue
+        if not all(math.isfinite(x) for x in nums):
+            problems.append(f"{flag}: must be a finite number")
+        elif f.name in _POSITIVE and min(nums) <= 0:
+            problems.append(f"{flag}: must be > 0")
+        elif _NON_NEGATIVE.search(f.name) and min(nums) < 0:
+            problems.append(f"{flag}: must be >= 0")
+        elif _RATIO.search(f.name) and not all(0 <= x < 1 for x in nums):
+            problems.append(f"{flag}: must be in [0, 1)")
+        elif _SHARE.search(f.name) and not all(0 <= x <= 1 for x in nums):
+            problems.append(f"{flag}: must be in [0, 1]")
+    if getattr(cfg, "arch", None) is not None and cfg.arch not in ARCHS:
+        problems.append(f"--arch {cfg.arch}: unknown; choose from {', '.join(ARCHS)}")
+    if getattr(cfg, "data", None) is not None:
+        problems += [p for p in [check_data(cfg.data)] if p]
+    return problems
+
+
+def check_data(data: str) -> str | None:
+    """Why --data cannot be trained on, in one line naming it (None: it can): "synthetic", one sheet
+    file, or a folder holding at least one (searched recursively)."""
+    if data == "synthetic":
+        return None
+    p, accepted = Path(data), ", ".join(SHEET_EXTENSIONS)
+    if not p.exists():
+        return f"--data {data}: no such file or folder (pass a folder of sheets, or synthetic)"
+    if p.is_file():
+        ok = p.suffix.lower() in SHEET_EXTENSIONS
+        return None if ok else f"--data {data}: not a sheet file (accepted: {accepted})"
+    if not any(q.suffix.lower() in SHEET_EXTENSIONS and q.is_file() for q in p.rglob("*")):
+        return f"--data {data}: no sheet files in this folder (searched recursively; accepted: {accepted})"
+    return None
+
+
 def parse_config(cls, presets: dict[str, dict], recipe: str, argv: Sequence[str] | None = None,
                  doc: str | None = None):
     """Defaults of `cls` < preset (--preset) < saved config (--resume) < explicit flags.
@@ -590,11 +686,12 @@ def parse_config(cls, presets: dict[str, dict], recipe: str, argv: Sequence[str]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = type(default)
-        h = f"{helps.get(f.name, '')} (default {default!r})".replace("%", "%%")  # argparse formats help with %
+        h = _flag_help(f.name, helps.get(f.name, ""), default, presets, recipe).replace("%", "%%")  # argparse's %
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, help=h)
         elif kind in (list, tuple):
-            parser.add_argument(f"--{f.name}", type=str, help=h + " (comma-separated)")
+            h += "" if "comma-separated" in h else " (comma-separated)"
+            parser.add_argument(f"--{f.name}", type=str, help=h)
         else:
             parser.add_argument(f"--{f.name}", type=kind, help=h)
     given = vars(parser.parse_args(argv))
@@ -615,7 +712,11 @@ def parse_config(cls, presets: dict[str, dict], recipe: str, argv: Sequence[str]
             v = type(values[k])(elem(x) for x in v.split(",") if x)
         values[k] = v
     values["out_dir"] = out_dir
-    return cls(**values)
+    cfg = cls(**values)
+    problems = config_problems(cfg)
+    if problems:  # one line each, no traceback, before anything is created
+        raise SystemExit("\n".join(f"{parser.prog}: error: {p}" for p in problems))
+    return cfg
 
 
 def save_config(cfg, out_dir: str | Path):
@@ -781,7 +882,6 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, nn.Module]
                     cfg=None, keep: int = 1):
     """Collective. Rank 0 writes weights (safetensors, config in metadata) and optimizer
     state; every rank writes its RNG state (ranks draw different random numbers)."""
-    from safetensors.torch import save_file
     root = Path(out_dir) / "checkpoint"
     name = f"step_{step:07d}"
     tmp = root / f".{name}.tmp"
@@ -803,7 +903,7 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, nn.Module]
         for m, mod in models.items():
             if isinstance(unwrap(mod), ViT):
                 meta[f"arch.{m}"] = json.dumps(unwrap(mod).arch)
-        save_file(tensors, str(tmp / "weights.safetensors"), metadata=meta)
+        save_safetensors(tensors, tmp / "weights.safetensors", metadata=meta)
         torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                     "extra": extra or {}, "world_size": get_world_size()}, tmp / "state.pt")
     barrier()
@@ -864,6 +964,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def duration(seconds: float) -> str:
+    """4s, 12m05s, 3h07m."""
+    s = max(0, round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Run:
     """Bookkeeping of one training run: distributed setup, run dir, resume, console/jsonl
     logging, checkpoints, signals, NaN guard. The recipe keeps its own loop:
@@ -881,9 +987,10 @@ class Run:
         self.cfg, self.recipe = cfg, recipe
         self.dist = setup_distributed()
         self.device = self.dist.device
+        set_amp(cfg.amp)
         seed_everything(cfg.seed + 1000 * self.dist.rank)
         if cfg.batch_size % self.dist.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
+            raise SystemExit(f"--batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
         self.local_batch = cfg.batch_size // self.dist.world_size
         self.out_dir = Path(cfg.out_dir)
         if self.dist.is_main:
@@ -953,13 +1060,16 @@ class Run:
             print0(f"[{self.recipe}] stop requested: writing a checkpoint at step {done}")
             ckpt_now, self.stopped = True, True
         if ckpt_now:
-            save_checkpoint(self.out_dir, done, models, optimizers, extra, self.cfg)
+            save_checkpoint(self.out_dir, done, models, optimizers, extra, self.cfg, keep=self.cfg.keep_ckpts)
 
     def log(self, done: int, metrics: dict[str, torch.Tensor]):
-        vals = {k: float(all_reduce_mean(v.to(self.device).reshape(1).clone()).item()) for k, v in metrics.items()}
+        keys = list(metrics)  # one collective and one device-to-host copy for all metrics
+        stacked = torch.stack([metrics[k].to(self.device).reshape(()) for k in keys]) if keys else None
+        vals = dict(zip(keys, all_reduce_mean(stacked).tolist())) if keys else {}
         dt = time.perf_counter() - self._t0
         ms = 1000 * dt / max(self._count, 1)
         vals.update(step=done, ms_per_step=ms, img_per_s=self.cfg.batch_size * self._count / dt,
+                    data_ms_per_step=1000 * DataWait.take() / max(self._count, 1),
                     peak_mem_gb=peak_memory_gb(self.device), time=time.time())
         self._sums, self._count, self._t0 = {}, 0, time.perf_counter()
         if not self.dist.is_main:
@@ -968,6 +1078,7 @@ class Run:
         for k, v in vals.items():
             if k not in ("step", "time"):
                 line += f" | {k} {v:.4g}"
+        line += f" | eta {duration(ms * (self.cfg.steps - done) / 1000)}"  # at the last interval's pace
         bar = self._progress()
         (bar.write if bar is not None and not bar.disable else print)(line)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
@@ -987,8 +1098,9 @@ class Run:
 # ----------------------------------------------------------------------------------------
 # 8. Sheet data
 # ----------------------------------------------------------------------------------------
-# Construction-sheet data: synthetic drawings with dense labels, a real-corpus tile loader,
-# crop views for line art, deterministic resumable sampling, and labeled probe sets.
+# Construction-sheet data: the contract every sheet source follows, a real-corpus tile loader,
+# crop views for line art, deterministic resumable sampling, and labeled probe sets. Synthetic
+# drawings with dense labels come from sheetgen.py (open_sheets("synthetic") imports it lazily).
 #
 # Conventions
 # - A sheet is a dict: image (uint8 HxW, 255 = paper, black ink), label (uint8 HxW class ids
@@ -1016,6 +1128,10 @@ CLASSES = ("background", "wall", "door", "window", "stair", "fixture", "dimensio
 # Later elements overwrite earlier labels, so draw order is label priority.
 BG, WALL, DOOR, WINDOW, STAIR, FIXTURE, DIM, TEXT, ANNO = range(len(CLASSES))
 IGNORE = 255
+# RGB of each class in every picture of labels (contact sheet, probe examples); IGNORE is light gray.
+PALETTE = ((255, 255, 255), (200, 40, 40), (40, 160, 60), (40, 110, 230), (240, 150, 20),
+           (150, 70, 200), (20, 180, 180), (230, 200, 0), (140, 140, 140))
+IGNORE_COLOUR = (205, 205, 205)
 
 # 80-120 px/m is a 150 dpi sheet drawn at 1:50-1:75. With walls of 0.15-0.45 m every wall is
 # >= 12 px thick and doors/windows (>= 0.6 m wide, wall-thick) span >= 12 x 48 px, so a 16 px
@@ -1031,1139 +1147,6 @@ SHEET_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", "
 # raises above twice this; our probe refuses above it first, with a warning naming the file.
 MAX_SHEET_PIXELS = 600_000_000
 Image.MAX_IMAGE_PIXELS = MAX_SHEET_PIXELS
-
-
-# ----------------------------------------------------------------------------- drawing kit
-_FONTS = {}
-
-
-def _font(size):
-    size = max(6, int(size))
-    if size not in _FONTS:  # load_default(size) parses the embedded TTF each call
-        _FONTS[size] = ImageFont.load_default(size=size)
-    return _FONTS[size]
-
-
-def _nb(b):
-    return (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3]))
-
-
-class _Canvas:
-    """Paper image and label image drawn with the same primitives."""
-
-    def __init__(self, w, h):
-        self.w, self.h = w, h
-        self.im, self.lb = Image.new("L", (w, h), 255), Image.new("L", (w, h), BG)
-        self.d, self.l = ImageDraw.Draw(self.im), ImageDraw.Draw(self.lb)
-
-    def line(self, pts, cls, width=1, pad=2):
-        self.d.line(pts, fill=0, width=width)
-        self.l.line(pts, fill=cls, width=width + pad)
-
-    def rect(self, b, cls, width=1, fill=None, solid=True):
-        b = _nb(b)
-        self.d.rectangle(b, fill=fill, outline=0, width=width)
-        if solid:  # one pixel of slack: PIL rounds fills and outlines of float boxes differently
-            self.l.rectangle((b[0] - 1, b[1] - 1, b[2] + 1, b[3] + 1), fill=cls)
-        else:
-            self.l.rectangle(b, outline=cls, width=width + 2)
-
-    def circle(self, xy, r, cls, width=1, fill=255):
-        b = (xy[0] - r, xy[1] - r, xy[0] + r, xy[1] + r)
-        self.d.ellipse(b, fill=fill, outline=0, width=width)
-        self.l.ellipse(b, fill=cls)
-
-    def dashed(self, p, q, cls, width=1, pattern=(14, 5, 2, 5)):
-        n = math.hypot(q[0] - p[0], q[1] - p[1])
-        if n < 1:
-            return
-        ux, uy, t, k = (q[0] - p[0]) / n, (q[1] - p[1]) / n, 0.0, 0
-        while t < n:
-            e = min(t + pattern[k % len(pattern)], n)
-            if k % 2 == 0:
-                self.d.line([(p[0] + ux * t, p[1] + uy * t), (p[0] + ux * e, p[1] + uy * e)], fill=0, width=width)
-            t, k = e, k + 1
-        self.l.line([p, q], fill=cls, width=width + 2)  # a dashed line's footprint is continuous
-
-    def text(self, xy, s, size, cls=TEXT, anchor="mm", bold=False, vertical=False):
-        f, sw = _font(size), int(bold)
-        if vertical:  # reads bottom-to-top, centred on xy
-            l, t, r, b = f.getbbox(s, stroke_width=sw)
-            tmp = Image.new("L", (r - l + 1, b - t + 1), 0)
-            ImageDraw.Draw(tmp).text((-l, -t), s, font=f, fill=255, stroke_width=sw, stroke_fill=255)
-            tmp = tmp.transpose(Image.Transpose.ROTATE_90)
-            x, y = int(xy[0] - tmp.width / 2), int(xy[1] - tmp.height / 2)
-            self.im.paste(0, (x, y), tmp)
-            bb = (x, y, x + tmp.width, y + tmp.height)
-        else:
-            bb = self.d.textbbox(xy, s, font=f, anchor=anchor, stroke_width=sw)
-            self.d.text(xy, s, font=f, fill=0, anchor=anchor, stroke_width=sw, stroke_fill=0)
-        self.l.rectangle((bb[0] - 1, bb[1] - 1, bb[2] + 1, bb[3] + 1), fill=cls)
-        return bb
-
-    def free(self, b, allow_anno=False):
-        b = [int(round(v)) for v in _nb(b)]
-        if b[0] < 0 or b[1] < 0 or b[2] > self.w or b[3] > self.h:
-            return False
-        a = np.asarray(self.lb.crop(b))
-        return bool(((a == BG) | (a == ANNO)).all() if allow_anno else not a.any())
-
-
-def _arrow(c, tip, d, size, cls):
-    n = math.hypot(*d) or 1.0
-    dx, dy = d[0] / n, d[1] / n
-    bx, by, w = tip[0] - dx * size, tip[1] - dy * size, size * 0.32
-    pts = [tip, (bx - dy * w, by + dx * w), (bx + dy * w, by - dx * w)]
-    c.d.polygon(pts, fill=0)
-    c.l.polygon(pts, fill=cls)
-
-
-def _bubble(c, xy, r, s, cls=ANNO):
-    c.circle(xy, r, cls)
-    c.text(xy, s, int(r * 1.05), cls=cls)
-
-
-def _hatch(c, rng, b, sp, kind):
-    """Paper-only fill pattern inside box b; the caller labels the footprint."""
-    x0, y0, x1, y1 = b
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        return
-    line = c.d.line
-    if kind in ("/", "x", "earth"):  # lines x + y = k on a global lattice, so abutting boxes agree
-        for k in np.arange(math.ceil((x0 + y0) / sp) * sp, x1 + y1, sp):
-            xa, xb = max(x0, k - y1), min(x1, k - y0)
-            if xb > xa:
-                line([(xa, k - xa), (xb, k - xb)], fill=0, width=1)
-    if kind in ("\\", "x"):
-        for k in np.arange(math.ceil((x0 - y1) / sp) * sp, x1 - y0, sp):
-            xa, xb = max(x0, y0 + k), min(x1, y1 + k)
-            if xb > xa:
-                line([(xa, xa - k), (xb, xb - k)], fill=0, width=1)
-    if kind == "grid":
-        for x in np.arange(x0 + sp, x1, sp):
-            line([(x, y0), (x, y1)], fill=0)
-        for y in np.arange(y0 + sp, y1, sp):
-            line([(x0, y), (x1, y)], fill=0)
-    if kind in ("dots", "concrete", "earth"):
-        n = int((x1 - x0) * (y1 - y0) / (sp * sp) * 3)
-        c.d.point(list(zip(rng.uniform(x0, x1, n), rng.uniform(y0, y1, n))), fill=0)
-    if kind == "concrete":
-        for x, y in zip(rng.uniform(x0 + 4, x1 - 4, n // 8), rng.uniform(y0 + 4, y1 - 4, n // 8)):
-            a = rng.uniform(0, 2 * math.pi)
-            c.d.polygon([(x + 4 * math.cos(a + k * 2.1), y + 4 * math.sin(a + k * 2.1)) for k in range(3)], outline=0)
-    if kind == "zig":  # insulation batt: zigzag across the short side
-        w, h = x1 - x0, y1 - y0
-        if h >= w:
-            pts = [(x0 if i % 2 else x1, y) for i, y in enumerate(np.arange(y0, y1, w * 0.5))]
-        else:
-            pts = [(x, y0 if i % 2 else y1) for i, x in enumerate(np.arange(x0, x1, h * 0.5))]
-        if len(pts) > 1:
-            line(pts, fill=0, width=1)
-    if kind == "wood":
-        line([(x0, y0), (x1, y1)], fill=0)
-        line([(x0, y1), (x1, y0)], fill=0)
-
-
-class _Local:
-    """Symbol frame: u along a wall, v away from it into the room (pixels)."""
-
-    def __init__(self, c, o, a, n):
-        self.c, self.o, self.a, self.n = c, o, a, n
-
-    def p(self, u, v):
-        return (self.o[0] + u * self.a[0] + v * self.n[0], self.o[1] + u * self.a[1] + v * self.n[1])
-
-    def box(self, u0, v0, u1, v1):
-        return _nb(self.p(u0, v0) + self.p(u1, v1))
-
-    def rect(self, u0, v0, u1, v1, r=0):
-        b = self.box(u0, v0, u1, v1)
-        if r > 0 and min(b[2] - b[0], b[3] - b[1]) > 2 * r:
-            self.c.d.rounded_rectangle(b, r, fill=255, outline=0)
-        else:
-            self.c.d.rectangle(b, fill=255, outline=0)
-
-    def ellipse(self, u0, v0, u1, v1):
-        self.c.d.ellipse(self.box(u0, v0, u1, v1), fill=255, outline=0)
-
-    def line(self, *pts, w=1):
-        self.c.d.line([self.p(*q) for q in pts], fill=0, width=w)
-
-
-_WORDS = ("PROVIDE NEW GYPSUM BOARD CONCRETE SLAB SEE DETAIL ALL DIMENSIONS TO FACE OF STUD VERIFY "
-          "IN FIELD FINISH WATERPROOF MEMBRANE EXISTING WALL REMOVE STEEL BEAM ABOVE TYP. FIRE RATED "
-          "ASSEMBLY INSULATION CONTINUOUS SEALANT JOINT FLOOR DRAIN SLOPE MIN. CEILING HEIGHT DOOR "
-          "FRAME ANCHOR BOLTS AT CENTRES PER STRUCTURAL DRAWINGS CONTRACTOR SHALL COORDINATE WITH "
-          "MECHANICAL ELECTRICAL PLUMBING RISER SHAFT ACCESS PANEL FLASHING SILL LINTEL BRICK").split()
-_ROOMS = {
-    "en": dict(bath="BATH", wc="WC", closet="CLOSET", kitchen="KITCHEN", living="LIVING ROOM", dining="DINING",
-               bed="BEDROOM", hall="HALL", office="OFFICE", storage="STORAGE", laundry="LAUNDRY"),
-    "fr": dict(bath="BAINS", wc="W.C.", closet="PLACARD", kitchen="CUISINE", living="SEJOUR", dining="REPAS",
-               bed="CHAMBRE", hall="DEGT", office="BUREAU", storage="CELLIER", laundry="BUANDERIE"),
-    "es": dict(bath="BANO", wc="ASEO", closet="ARMARIO", kitchen="COCINA", living="SALON", dining="COMEDOR",
-               bed="DORMITORIO", hall="PASILLO", office="ESTUDIO", storage="TRASTERO", laundry="LAVADERO"),
-}
-
-
-def _pick(rng, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
-def _sentence(rng, lo=3, hi=9):
-    return " ".join(_pick(rng, _WORDS) for _ in range(int(rng.integers(lo, hi))))
-
-
-def _style(rng):
-    u = rng.uniform
-    ext = _pick(rng, ("solid", "hatch", "hollow", "gray"))
-    return dict(ext=ext, int=ext if u() < 0.5 else _pick(rng, ("solid", "hollow")), gray=int(u(110, 170)),
-                lw=int(rng.integers(1, 4)), tick=_pick(rng, ("slash", "arrow", "dot")),
-                units=_pick(rng, ("m", "mm", "cm", "ft")), lang=_pick(rng, tuple(_ROOMS)),
-                dim_txt=int(u(12, 18)), room_txt=int(u(15, 27)), note_txt=int(u(11, 15)),
-                win_lines=int(rng.integers(1, 4)))
-
-
-def _fmt_len(m, units):
-    if units == "mm":
-        return str(int(round(m * 200)) * 5)
-    if units == "cm":
-        return str(int(round(m * 100)))
-    if units == "ft":
-        inch = int(round(m / 0.0254))
-        return f"{inch // 12}'-{inch % 12}\""
-    return f"{m:.2f}"
-
-
-def _dim_chain(c, st, s, horiz, pts, lc, ec, out):
-    """Chain of dimensions along x (horiz) or y at line coordinate lc; extension lines start at ec;
-    out (+1/-1) points away from the object, where the numbers go."""
-    P = (lambda a, b: (a, b)) if horiz else (lambda a, b: (b, a))
-    pts, ts = sorted(pts), st["dim_txt"]
-    if len(pts) < 2:
-        return
-    over = 8 if st["tick"] == "slash" else 0
-    strip = P(pts[0] - over - 4, lc - out * 9) + P(pts[-1] + over + 4, lc + out * (ts * 1.3 + 8))
-    c.l.rectangle(_nb(strip), fill=DIM)
-    c.line([P(pts[0] - over, lc), P(pts[-1] + over, lc)], DIM)
-    for p in pts:
-        c.line([P(p, ec), P(p, lc + out * 7)], DIM)
-        if st["tick"] == "slash":
-            c.line([P(p - 5, lc + 5), P(p + 5, lc - 5)], DIM, width=2)
-        elif st["tick"] == "dot":
-            c.circle(P(p, lc), 2.5, DIM, fill=0)
-    for a, b in zip(pts[:-1], pts[1:]):
-        if st["tick"] == "arrow" and b - a > 20:
-            _arrow(c, P(a, lc), P(-1, 0), 9, DIM)
-            _arrow(c, P(b, lc), P(1, 0), 9, DIM)
-        txt = _fmt_len((b - a) / s, st["units"])
-        if _font(ts).getlength(txt) + 6 < b - a:
-            c.text(P((a + b) / 2, lc + out * (ts * 0.6 + 3)), txt, ts, cls=DIM, vertical=not horiz)
-
-
-def _place(c, rng, cell, U, V, draw, cls, wall=True, tries=8):
-    """Put a U x V symbol against a wall (or free-standing) inside the cell interior where nothing
-    but background or annotation lies yet; draw(L, U, V) draws it in its local frame."""
-    x0, y0, x1, y1 = cell
-    for _ in range(tries):
-        side = int(rng.integers(4)) if wall else 0
-        along, deep = (x1 - x0, y1 - y0) if side in (0, 2) else (y1 - y0, x1 - x0)
-        if U > along or V > deep:
-            continue
-        p = rng.uniform(0, along - U)
-        if not wall:
-            o, a, n = (x0 + p, y0 + rng.uniform(0, deep - V)), (1, 0), (0, 1)
-        else:
-            o, a, n = [((x0 + p, y0), (1, 0), (0, 1)), ((x1, y0 + p), (0, 1), (-1, 0)),
-                       ((x0 + p, y1), (1, 0), (0, -1)), ((x0, y0 + p), (0, 1), (1, 0))][side]
-        L = _Local(c, o, a, n)
-        b = L.box(0, 0, U, V)
-        if c.free(b, allow_anno=True):
-            c.l.rectangle((b[0] - 1, b[1] - 1, b[2] + 1, b[3] + 1), fill=cls)
-            draw(L, U, V)
-            return b
-    return None
-
-
-# -------------------------------------------------------------------------- symbols (local frame)
-def _f_wc(L, U, V, s):
-    L.rect(0, 0, U, V * 0.27)
-    L.ellipse(U * 0.1, V * 0.22, U * 0.9, V)
-
-
-def _f_basin(L, U, V, s):
-    L.rect(0, 0, U, V)
-    L.ellipse(U * 0.15, V * 0.2, U * 0.85, V * 0.85)
-
-
-def _f_tub(L, U, V, s):
-    L.rect(0, 0, U, V)
-    L.rect(U * 0.04, V * 0.1, U * 0.96, V * 0.9, r=V * 0.25)
-    L.ellipse(U * 0.84, V * 0.45, U * 0.88, V * 0.55)
-
-
-def _f_shower(L, U, V, s):
-    L.rect(0, 0, U, V)
-    L.line((0, 0), (U, V))
-    L.line((U, 0), (0, V))
-
-
-def _f_counter(L, U, V, s):
-    L.rect(0, 0, U, V)
-    a = U * 0.15
-    L.rect(a, V * 0.15, a + 0.4 * s, V * 0.85, r=3)
-    L.rect(a + 0.45 * s, V * 0.15, a + 0.85 * s, V * 0.85, r=3)
-    if U > 1.9 * s:
-        b = U - 0.75 * s
-        for du, dv in ((0.15, 0.18), (0.45, 0.18), (0.15, 0.42), (0.45, 0.42)):
-            L.ellipse(b + (du - 0.1) * s, (dv - 0.1) * s, b + (du + 0.1) * s, (dv + 0.1) * s)
-
-
-def _f_bed(L, U, V, s):
-    L.rect(0, 0, U, V)
-    n = 2 if U > 1.3 * s else 1
-    for k in range(n):
-        L.rect(U * k / n + 0.08 * s, 0.08 * s, U * (k + 1) / n - 0.08 * s, 0.4 * s, r=6)
-    L.line((0, 0.55 * s), (U, 0.55 * s))
-    L.line((U * 0.6, 0.55 * s), (U, 0.85 * s))
-
-
-def _f_wardrobe(L, U, V, s):
-    L.rect(0, 0, U, V)
-    L.line((0, V / 2), (U, V / 2))
-    for x in np.arange(0.15 * s, U - 0.1 * s, 0.25 * s):
-        L.line((x - 0.08 * s, V * 0.2), (x + 0.08 * s, V * 0.8))
-
-
-def _f_sofa(L, U, V, s):
-    L.rect(0, 0, U, V, r=5)
-    L.rect(0, 0, U, V * 0.25)
-    L.rect(0, 0, U * 0.1, V)
-    L.rect(U * 0.9, 0, U, V)
-    L.line((U / 2, V * 0.25), (U / 2, V))
-
-
-def _f_table(L, U, V, s):
-    m, cw = 0.45 * s, 0.42 * s
-    n = max(1, int((U - 2 * m) // (0.6 * s)))
-    for k in range(n):
-        uc = m + (k + 0.5) * (U - 2 * m) / n
-        L.rect(uc - cw / 2, 0.03 * s, uc + cw / 2, m - 0.03 * s, r=3)
-        L.rect(uc - cw / 2, V - m + 0.03 * s, uc + cw / 2, V - 0.03 * s, r=3)
-    if V - 2 * m > 0.7 * s:
-        L.rect(0.03 * s, V / 2 - cw / 2, m - 0.03 * s, V / 2 + cw / 2, r=3)
-        L.rect(U - m + 0.03 * s, V / 2 - cw / 2, U - 0.03 * s, V / 2 + cw / 2, r=3)
-    (L.ellipse if U < V * 1.3 else L.rect)(m - 0.1 * s, m - 0.1 * s, U - m + 0.1 * s, V - m + 0.1 * s)
-
-
-def _f_washer(L, U, V, s):
-    L.rect(0, 0, U, V)
-    L.ellipse(U * 0.15, V * 0.15, U * 0.85, V * 0.85)
-
-
-def _f_desk(L, U, V, s):
-    L.rect(0, 0, U, V * 0.6)
-    L.rect(U * 0.35, V * 0.68, U * 0.65, V, r=3)
-
-
-# name: (U range m, V range m, draw, against a wall)
-_SYMBOLS = {
-    "wc": ((0.38, 0.45), (0.65, 0.75), _f_wc, True), "basin": ((0.5, 0.7), (0.42, 0.5), _f_basin, True),
-    "tub": ((1.5, 1.8), (0.7, 0.8), _f_tub, True), "shower": ((0.8, 1.0), (0.8, 1.0), _f_shower, True),
-    "counter": ((1.8, 3.6), (0.6, 0.65), _f_counter, True), "bed": ((0.9, 1.8), (1.95, 2.1), _f_bed, True),
-    "wardrobe": ((1.0, 2.4), (0.55, 0.65), _f_wardrobe, True), "sofa": ((1.6, 2.4), (0.8, 0.95), _f_sofa, True),
-    "table": ((1.9, 2.9), (1.7, 1.9), _f_table, False), "washer": ((0.6, 0.62), (0.6, 0.62), _f_washer, True),
-    "desk": ((1.1, 1.6), (1.0, 1.1), _f_desk, True), "armchair": ((0.75, 0.9), (0.75, 0.9), _f_sofa, True),
-}
-_FURNISH = {"bath": ("tub", "shower", "basin", "wc"), "wc": ("wc", "basin"), "kitchen": ("counter", "table"),
-            "dining": ("table",), "living": ("sofa", "armchair", "armchair"), "bed": ("bed", "wardrobe"),
-            "office": ("desk", "wardrobe"), "laundry": ("washer", "washer", "counter"), "closet": ("wardrobe",)}
-
-
-# -------------------------------------------------------------------------------- floor plan
-def _plan(c, rng, s, box, st):
-    u = rng.uniform
-    bx0, by0, bx1, by1 = box
-    off0, step, br = u(40, 56), u(34, 46), u(13, 19)
-    nch = [int(rng.integers(1, 4)) if u() < 0.75 else 0 for _ in range(4)] if u() < 0.85 else [0] * 4
-    grid = u() < 0.5
-    for _ in range(2):  # drop dimensions and grid when the box is too small for them
-        mg = [26 + (off0 + (k - 1) * step + st["dim_txt"] + 8 if k else 0) + (2 * br + 24 if grid else 0)
-              for k in nch]
-        aw, ah = (bx1 - bx0 - mg[1] - mg[3]) / s, (by1 - by0 - 80 - mg[0] - mg[2]) / s
-        if min(aw, ah) >= 4.0:
-            break
-        nch, grid = [0] * 4, False
-    if min(aw, ah) < 3.0:
-        return
-
-    def cells(avail):
-        w = u(1.6, 4.5, int(rng.integers(2, 7)))
-        w = w[:max(2, int(np.searchsorted(np.cumsum(w), avail, side="right")))]
-        return w * min(1.0, avail / w.sum())
-
-    cw, rh = cells(aw * u(0.8, 1.0)), cells(ah * u(0.8, 1.0))
-    nr, nc = len(rh), len(cw)
-    x0 = bx0 + mg[3] + u(0, aw * s - cw.sum() * s)
-    y0 = by0 + mg[0] + u(0, ah * s - rh.sum() * s)
-    gx, gy = x0 + np.concatenate([[0], np.cumsum(cw)]) * s, y0 + np.concatenate([[0], np.cumsum(rh)]) * s
-    te, ti = u(0.25, 0.45) * s, u(0.15, 0.22) * s
-    face = (gy[0] - te / 2, gx[-1] + te / 2, gy[-1] + te / 2, gx[0] - te / 2)  # top, right, bottom, left
-
-    occ = np.ones((nr, nc), bool)
-    notch = None
-    if nr * nc >= 4 and u() < 0.5:
-        notch = (int(rng.choice([0, nr - 1])), int(rng.choice([0, nc - 1])))
-        occ[notch] = False
-    rid = np.arange(nr * nc).reshape(nr, nc)
-    for r in range(nr):
-        for q in range(nc):
-            if q + 1 < nc and occ[r, q] and occ[r, q + 1] and u() < 0.3:
-                rid[rid == rid[r, q + 1]] = rid[r, q]
-            if r + 1 < nr and occ[r, q] and occ[r + 1, q] and u() < 0.15:
-                rid[rid == rid[r + 1, q]] = rid[r, q]
-
-    def inside(r, q):
-        return 0 <= r < nr and 0 <= q < nc and occ[r, q]
-
-    segs = []
-    for o, n_lines, n_runs in (("v", nc + 1, nr), ("h", nr + 1, nc)):
-        for i in range(n_lines):
-            for j in range(n_runs):
-                A, B = (inside(j, i - 1), inside(j, i)) if o == "v" else (inside(i - 1, j), inside(i, j))
-                ra = rid[(j, i - 1) if o == "v" else (i - 1, j)] if A else -1
-                rb = rid[(j, i) if o == "v" else (i, j)] if B else -1
-                if A == B and (not A or ra == rb):
-                    continue
-                cc, a, b = (gx[i], gy[j], gy[j + 1]) if o == "v" else (gy[i], gx[j], gx[j + 1])
-                kind, out = ("int", 0) if A and B else ("ext", 1 if A else -1)
-                last = segs[-1] if segs else None
-                if last and (last["o"], last["c"], last["pair"], last["b"]) == (o, cc, (ra, rb), a):
-                    last["b"] = b
-                else:
-                    segs.append(dict(o=o, c=cc, a=a, b=b, kind=kind, pair=(ra, rb), out=out,
-                                     t=te if kind == "ext" else ti, ops=[]))
-
-    def add_opening(sg, w, kind, near_end=False):
-        lo, hi = sg["a"] + te / 2 + 0.12 * s, sg["b"] - te / 2 - 0.12 * s - w
-        if hi <= lo:
-            return False
-        p = (lo if u() < 0.5 else hi) if near_end else u(lo, hi)
-        if any(p < b + 0.2 * s and p + w > a - 0.2 * s for a, b, _ in sg["ops"]):
-            return False
-        sg["ops"].append((p, p + w, kind))
-        return True
-
-    parent = {}
-
-    def find(x):
-        while parent.get(x, x) != x:
-            x = parent[x]
-        return x
-
-    for k in rng.permutation(len(segs)):
-        sg = segs[k]
-        if sg["kind"] == "int":
-            ra, rb = find(sg["pair"][0]), find(sg["pair"][1])
-            if (ra != rb or u() < 0.2) and add_opening(sg, u(0.75, 0.95) * s, "door", u() < 0.6):
-                parent[ra] = rb
-    exts = [sg for sg in segs if sg["kind"] == "ext"]
-    for sg in rng.permutation(len(exts)):
-        if add_opening(exts[sg], (u(1.4, 1.8) if u() < 0.3 else u(0.9, 1.0)) * s, "door"):
-            break
-    for sg in exts:
-        n = int((sg["b"] - sg["a"]) / s / u(2.2, 4.0))
-        for _ in range(n):
-            add_opening(sg, u(0.6, min(2.2, max(0.7, (sg["b"] - sg["a"]) / s * 0.45))) * s, "window")
-
-    # --- annotation layers below the walls
-    if notch is not None and u() < 0.6:
-        r, q = notch
-        h = te / 2
-        b = (gx[q] + h * (q > 0), gy[r] + h * (r > 0), gx[q + 1] - h * (q < nc - 1), gy[r + 1] - h * (r < nr - 1))
-        c.rect(b, ANNO)
-        _hatch(c, rng, b, u(0.3, 0.6) * s, _pick(rng, ("x", "grid", "/")))
-    if u() < 0.25:
-        d = u(0.4, 0.7) * s
-        corners = [(face[3] - d, face[0] - d), (face[1] + d, face[0] - d),
-                   (face[1] + d, face[2] + d), (face[3] - d, face[2] + d)]
-        for p, q in zip(corners, corners[1:] + corners[:1]):
-            c.dashed(p, q, ANNO, pattern=(10, 6))
-    # grid bubbles sit beyond the outermost dimension chain of each side
-    bub = [face[k] + (-1, 1, 1, -1)[k] * ((off0 + (nch[k] - 1) * step + st["dim_txt"] + 16 if nch[k] else 30) + br)
-           for k in range(4)]
-    if grid:
-        both = u() < 0.4
-        letters = u() < 0.5
-        for k, x in enumerate(gx):
-            c.dashed((x, bub[0] + br), (x, bub[2] - br if both else face[2] + 20), ANNO)
-            for y in (bub[0], bub[2]) if both else (bub[0],):
-                _bubble(c, (x, y), br, chr(65 + k) if letters else str(k + 1))
-        for k, y in enumerate(gy):
-            c.dashed((bub[3] + br, y), (bub[1] - br if both else face[1] + 20, y), ANNO)
-            for x in (bub[3], bub[1]) if both else (bub[3],):
-                _bubble(c, (x, y), br, str(k + 1) if letters else chr(65 + k))
-
-    # --- walls: ink everything, then fill interiors interior-walls-first so junctions merge
-    pieces = []
-    for sg in segs:
-        cuts = sorted(sg["ops"])
-        edges = [sg["a"]] + [v for a, b, _ in cuts for v in (a, b)] + [sg["b"]]
-        for k in range(0, len(edges), 2):
-            a = edges[k] - (sg["t"] / 2 if k == 0 else 0)
-            b = edges[k + 1] + (sg["t"] / 2 if k + 2 == len(edges) else 0)
-            c0, c1 = sg["c"] - sg["t"] / 2, sg["c"] + sg["t"] / 2
-            r = (c0, a, c1, b) if sg["o"] == "v" else (a, c0, b, c1)
-            pieces.append((sg["kind"], r))
-    for _, r in pieces:
-        c.d.rectangle(r, fill=0)
-        c.l.rectangle(r, fill=WALL)
-    lw, hs = st["lw"], u(5, 9)
-    for kind in ("int", "ext"):
-        style = st[kind]
-        for k, r in pieces:
-            if k != kind or (style == "solid" and kind == "int"):
-                continue
-            ir = (r[0] + lw, r[1] + lw, r[2] - lw, r[3] - lw)
-            if ir[2] > ir[0] and ir[3] > ir[1]:
-                c.d.rectangle(ir, fill={"solid": 0, "gray": st["gray"]}.get(style, 255))
-                if style == "hatch":
-                    _hatch(c, rng, ir, hs, "/")
-
-    # --- openings
-    for sg in segs:
-        P = (lambda al, ac: (ac, al)) if sg["o"] == "v" else (lambda al, ac: (al, ac))
-        cc, t = sg["c"], sg["t"]
-        for p0, p1, kind in sg["ops"]:
-            gap = _nb(P(p0, cc - t / 2) + P(p1, cc + t / 2))
-            if kind == "window":
-                c.d.rectangle(gap, fill=255, outline=0)
-                c.l.rectangle((gap[0] - 1, gap[1] - 1, gap[2] + 1, gap[3] + 1), fill=WINDOW)
-                for k in range(st["win_lines"]):
-                    ac = cc - t / 2 + t * (k + 1) / (st["win_lines"] + 1)
-                    c.d.line([P(p0, ac), P(p1, ac)], fill=0)
-                continue
-            c.l.rectangle(gap, fill=DOOR)
-            side = -sg["out"] if sg["kind"] == "ext" else _pick(rng, (-1, 1))
-            fc = cc + side * t / 2
-            if u() < 0.12:  # sliding door: two leaves in the wall thickness
-                m = (p0 + p1) / 2
-                c.d.rectangle(_nb(P(p0, cc - t * 0.2) + P(m + 0.05 * s, cc - t * 0.05)), outline=0)
-                c.d.rectangle(_nb(P(m - 0.05 * s, cc + t * 0.05) + P(p1, cc + t * 0.2)), outline=0)
-                continue
-            leaves = [(p0, p1)] if p1 - p0 < 1.3 * s else [(p0, (p0 + p1) / 2), (p1, (p0 + p1) / 2)]
-            if len(leaves) == 1 and u() < 0.5:
-                leaves = [(p1, p0)]
-            for hinge, other in leaves:
-                r = abs(other - hinge)
-                H, E, O = P(hinge, fc), P(hinge, fc + side * r), P(other, fc)
-                a1 = round(math.degrees(math.atan2(E[1] - H[1], E[0] - H[0])) / 90) * 90 % 360
-                a2 = round(math.degrees(math.atan2(O[1] - H[1], O[0] - H[0])) / 90) * 90 % 360
-                a1, a2 = (a1, a2) if (a2 - a1) % 360 == 90 else (a2, a1)
-                bb = (H[0] - r, H[1] - r, H[0] + r, H[1] + r)
-                c.l.pieslice(bb, a1, a2, fill=DOOR)
-                c.d.arc(bb, a1, a2, fill=0, width=1)
-                c.line([H, E], DOOR, width=max(2, lw))
-
-    # --- rooms: functions by size, stairs, names, furniture
-    rooms = {}
-    for r in range(nr):
-        for q in range(nc):
-            if occ[r, q]:
-                inner = (gx[q] + te / 2 + 3, gy[r] + te / 2 + 3, gx[q + 1] - te / 2 - 3, gy[r + 1] - te / 2 - 3)
-                rooms.setdefault(int(rid[r, q]), []).append(inner)
-    area = {k: sum((b[2] - b[0]) * (b[3] - b[1]) for b in v) for k, v in rooms.items()}
-    order = sorted(rooms, key=lambda k: area[k])
-    func = {}
-    for i, k in enumerate(order):
-        if i == len(order) - 1:
-            func[k] = "living"
-        elif i < max(1, len(order) // 3):
-            func[k] = _pick(rng, ("bath", "wc", "closet", "storage", "laundry", "bath"))
-        elif i == len(order) - 2:
-            func[k] = _pick(rng, ("kitchen", "dining"))
-        else:
-            func[k] = _pick(rng, ("bed", "bed", "office", "hall", "kitchen"))
-    if u() < 0.85:
-        big = [b for k in order[len(order) // 3:] for b in rooms[k]]
-        for b in rng.permutation(len(big)):
-            w = u(0.9, 1.2) * s
-            if _place(c, rng, big[b], min(u(2.6, 4.0) * s, big[b][2] - big[b][0], big[b][3] - big[b][1]), w,
-                      lambda L, U, V, tr=u(0.25, 0.3) * s: _stair(c, L, U, V, tr), STAIR, tries=3):
-                break
-    names, nbed = _ROOMS[st["lang"]], 0
-    for k in order:
-        cell = max(rooms[k], key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-        name = names[func[k]]
-        if func[k] == "bed":
-            nbed += 1
-            name += f" {nbed}"
-        cx, cy = (cell[0] + cell[2]) / 2 + u(-0.2, 0.2) * s, (cell[1] + cell[3]) / 2 + u(-0.3, 0.3) * s
-        ts = st["room_txt"]
-        w = _font(ts).getlength(name)
-        if w < cell[2] - cell[0] - 8 and c.free((cx - w / 2, cy - ts, cx + w / 2, cy + ts * 1.6), allow_anno=True):
-            c.text((cx, cy), name, ts)
-            if u() < 0.6:
-                m2 = area[k] / (s * s)
-                m2 = f"{m2:.2f} m2" if st["units"] != "ft" else f"{m2 * 10.764:.0f} SF"
-                c.text((cx, cy + ts * 1.2), m2, int(ts * 0.7))
-        for sym in _FURNISH.get(func[k], ()):
-            if sym in ("tub", "shower") and u() < 0.5:
-                continue
-            (ul, uh), (vl, vh), fn, wall = _SYMBOLS[sym]
-            for cb in rng.permutation(len(rooms[k])):
-                draw = lambda L, U, V, fn=fn: fn(L, U, V, s)  # noqa: E731
-                if _place(c, rng, rooms[k][cb], u(ul, uh) * s, u(vl, vh) * s, draw, FIXTURE, wall):
-                    break
-
-    # --- dimensions, callouts, notes, title
-    for side in range(4):
-        if not nch[side]:
-            continue
-        horiz, out = side in (0, 2), (-1, 1, 1, -1)[side]
-        o = "h" if horiz else "v"
-        fs = [sg for sg in segs if sg["kind"] == "ext" and sg["o"] == o and sg["out"] == out]
-        pa = sorted({v for sg in fs for v in (sg["a"], sg["b"])}
-                    | {v for sg in fs for a, b, _ in sg["ops"] for v in (a, b)})
-        g = list(gx if horiz else gy)
-        lo, hi = (face[3], face[1]) if horiz else (face[0], face[2])
-        chains = [[lo] + pa[1:-1] + [hi], [lo] + g[1:-1] + [hi], [lo, hi]]
-        chains = {1: [chains[_pick(rng, (0, 2))]], 2: [chains[0], chains[2]], 3: chains}[nch[side]]
-        for i, pts in enumerate(chains):
-            _dim_chain(c, st, s, horiz, pts, face[side] + out * (off0 + i * step), face[side] + out * 8, out)
-    if u() < 0.35:
-        q = int(rng.integers(nc))
-        x, lab = (gx[q] + gx[q + 1]) / 2, _pick(rng, "ABC12")
-        dirn = _pick(rng, (-1, 1))
-        for y, yend in ((bub[0] - br * 0.4, face[0] - 6), (bub[2] + br * 0.4, face[2] + 6)):
-            c.line([(x, y), (x, y + (yend - y) * 0.6)], ANNO, width=3)
-            _bubble(c, (x, y), br * 0.9, lab)
-            _arrow(c, (x + dirn * br * 2.2, y), (dirn, 0), br * 1.2, ANNO)
-    for _ in range(int(rng.integers(0, 4))):
-        sg = _pick(rng, exts)
-        al = u(sg["a"], sg["b"])
-        tgt = (sg["c"] + sg["out"] * sg["t"] / 2, al) if sg["o"] == "v" else (al, sg["c"] + sg["out"] * sg["t"] / 2)
-        txt = _sentence(rng, 2, 5)
-        for _ in range(6):
-            d, along = u(max(mg) + 10, max(mg) + 160), u(-120, 120)
-            p = ((tgt[0] + sg["out"] * d, tgt[1] + along) if sg["o"] == "v"
-                 else (tgt[0] + along, tgt[1] + sg["out"] * d))
-            tw = _font(st["note_txt"]).getlength(txt)
-            right = p[0] >= tgt[0]
-            h = st["note_txt"]
-            b = (p[0] if right else p[0] - tw, p[1] - h, p[0] + tw if right else p[0], p[1] + h)
-            if c.free((b[0] - 6, b[1] - 4, b[2] + 6, b[3] + 4)) and bx0 < b[0] and b[2] < bx1:
-                c.text((p[0] + (4 if right else -4), p[1]), txt, st["note_txt"], anchor="lm" if right else "rm")
-                c.line([p, (p[0] - (14 if right else -14), p[1]), tgt], ANNO)
-                c.circle(tgt, 3, ANNO, fill=0)
-                break
-    if u() < 0.5:
-        r = u(22, 36)
-        for cx, cy in ((bx1 - r - 10, by0 + r + 10), (bx0 + r + 10, by0 + r + 10), (bx1 - r - 10, by1 - r - 90)):
-            if c.free((cx - r - 4, cy - r - 4, cx + r + 4, cy + r + 4)):
-                c.circle((cx, cy), r, ANNO)
-                _arrow(c, (cx, cy - r * 0.9), (0, -1), r * 1.6, ANNO)
-                c.text((cx, cy - r - 10), "N", int(r * 0.6), cls=ANNO)
-                break
-    title = _pick(rng, ("GROUND FLOOR PLAN", "FIRST FLOOR PLAN", "PLAN DU REZ DE CHAUSSEE", "PLANTA BAJA",
-                        "LEVEL 2 PLAN", "UNIT PLAN"))
-    _drawing_title(c, rng, face[3], min(by1 - 30, face[2] + mg[2] + 18), title,
-                   _pick(rng, ("1:50", "1:75", "1/4\" = 1'-0\"")))
-
-
-def _stair(c, L, U, V, tread):
-    L.rect(0, 0, U, V)
-    n = int(U // tread)
-    for k in range(1, n + 1):
-        L.line((k * tread, 0), (k * tread, V))
-    L.line((tread * 0.5, V / 2), (U - tread * 0.6, V / 2))
-    tip, base = L.p(U - tread * 0.1, V / 2), L.p(U - tread * 0.9, V / 2)
-    _arrow(c, tip, (tip[0] - base[0], tip[1] - base[1]), tread * 0.8, STAIR)
-
-
-def _drawing_title(c, rng, x, y, title, scale):
-    r = rng.uniform(14, 20)
-    _bubble(c, (x + r, y), r, str(int(rng.integers(1, 9))))
-    ts = int(rng.uniform(18, 28))
-    b = c.text((x + 2 * r + 12, y - 2), title, ts, anchor="ls", bold=rng.uniform() < 0.6)
-    c.line([(b[0], b[3] + 4), (b[2], b[3] + 4)], TEXT, width=2)
-    c.text((b[0], b[3] + 10), "SCALE " + scale, int(ts * 0.55), anchor="la")
-
-
-# ------------------------------------------------------------------------- section / elevation
-def _section(c, rng, s, box, st):
-    u = rng.uniform
-    bx0, by0, bx1, by1 = box
-    elev = u() < 0.35
-    bays = u(2.5, 5.0, int(rng.integers(2, 5)))
-    avail = (bx1 - bx0 - 360) / s
-    bays = bays[:max(1, int(np.searchsorted(np.cumsum(bays), avail, side="right")))]
-    bays *= min(1.0, avail / bays.sum())
-    fh, tw, ts = u(2.7, 3.3), u(0.25, 0.4) * s, u(0.2, 0.3) * s
-    avail_h = (by1 - by0 - 220) / s - 0.9
-    rh = min(u(1.5, 2.8), avail_h - 2.4)
-    pitched = u() < 0.5 and rh > 1.2
-    rh = rh if pitched else 0.9
-    n = int(max(1, min(rng.integers(1, 4), (avail_h - rh) // fh)))
-    fh = min(fh, max(2.4, (avail_h - rh) / n))
-    X0 = bx0 + 200 + u(0, max(0.0, avail * s - bays.sum() * s))
-    gxs = X0 + np.concatenate([[0], np.cumsum(bays)]) * s
-    X1, G = gxs[-1], by1 - 110 - 0.9 * s
-    lv = [G - 0.15 * s - k * fh * s for k in range(n + 1)]  # finished floor levels, top = roof
-    # ground, earth and grid lines lie under everything else
-    eb = (X0 - 1.2 * s, G, X1 + 1.2 * s, G + 0.7 * s)
-    c.rect(eb, ANNO, width=0)
-    _hatch(c, rng, eb, u(10, 16), "earth")
-    c.line([(eb[0] - 0.5 * s, G), (eb[2] + 0.5 * s, G)], ANNO, width=3)
-    top = lv[n] - rh * s - 40
-    if u() < 0.6:
-        br = u(13, 18)
-        for k, x in enumerate(gxs):
-            c.dashed((x, top + br), (x, G + 0.5 * s), ANNO)
-            _bubble(c, (x, top), br, str(k + 1))
-    if elev and u() < 0.4:
-        b = (X0 + 3, lv[min(n, 1)] + 3, X1 - 3, G - 3)
-        _hatch(c, rng, b, u(8, 14), _pick(rng, ("/", "grid")))
-        c.l.rectangle(b, fill=WALL)
-    # elements seen beyond the cut (or the facade itself)
-    for k in range(n):
-        for q in range(len(bays)):
-            a, b = gxs[q] + tw, gxs[q + 1] - tw
-            fl = lv[k] if elev else lv[k] - 0.0
-            if u() < (0.85 if elev else 0.45) and b - a > 0.8 * s:
-                w = min(u(0.8, 2.4) * s, b - a - 0.3 * s)
-                if k == 0 and u() < 0.35:
-                    _elev_door(c, rng, ((a + b - w * 0.6) / 2, fl - u(2.1, 2.4) * s, (a + b + w * 0.6) / 2, fl))
-                else:
-                    xm = u(a, b - w)
-                    _elev_window(c, rng, (xm, fl - u(2.1, 2.4) * s, xm + w, fl - u(0.8, 1.0) * s))
-    if not elev and u() < 0.7:  # a flight up to the half landing on each storey
-        q, nr = int(rng.integers(len(bays))), int(round(fh / 0.35))
-        rise, go, a = fh * s / 2 / nr, 0.27 * s, gxs[q] + tw / 2 + 0.1 * s
-        if a + nr * go + 1.1 * s < gxs[q + 1] - tw / 2:
-            for k in range(n):
-                pts = [(a, lv[k])]
-                for _ in range(nr):
-                    pts += [(pts[-1][0], pts[-1][1] - rise), (pts[-1][0] + go, pts[-1][1] - rise)]
-                xe, ye = pts[-1]
-                c.l.rectangle((a, ye - 0.95 * s, xe + 1.0 * s, lv[k]), fill=STAIR)
-                c.d.line(pts, fill=0, width=2)
-                c.d.line([(a, lv[k]), (xe, ye + 0.2 * s)], fill=0)
-                c.d.rectangle((xe, ye, xe + 1.0 * s, ye + 0.2 * s), outline=0, width=2)
-                c.d.line([(a, lv[k] - 0.9 * s), (xe, ye - 0.9 * s), (xe + 1.0 * s, ye - 0.9 * s)], fill=0)
-    # cut structure (section) or outline (elevation)
-    if elev:
-        for k in range(1, n):
-            c.dashed((X0, lv[k]), (X1, lv[k]), ANNO, pattern=(8, 6))
-        outline = [(X0, G), (X0, lv[n]), (X1, lv[n]), (X1, G)]
-        c.d.line(outline, fill=0, width=3)
-        c.l.line(outline, fill=WALL, width=12)
-    else:
-        rects = [(X0 - tw / 2, lv[k], X1 + tw / 2, lv[k] + ts) for k in range(n + 1)]
-        for x in [X0, X1] + [g for g in gxs[1:-1] if u() < 0.5]:
-            ext = x in (X0, X1)
-            for k in range(n):
-                lo, hi = lv[k + 1] + ts, lv[k]
-                if ext and u() < 0.7:
-                    w0, w1 = max(lv[k] - u(2.1, 2.4) * s, lo + 0.1 * s), lv[k] - u(0.8, 1.0) * s
-                    rects += [(x - tw / 2, lo, x + tw / 2, w0), (x - tw / 2, w1, x + tw / 2, hi)]
-                    wb = (x - tw / 2, w0, x + tw / 2, w1)
-                    c.rect(wb, WINDOW, fill=255)
-                    c.d.line([(x - tw * 0.1, w0), (x - tw * 0.1, w1)], fill=0)
-                    c.d.line([(x + tw * 0.1, w0), (x + tw * 0.1, w1)], fill=0)
-                elif not ext and k == 0 and u() < 0.5:
-                    dh = min(2.1 * s, hi - lo - 0.1 * s)
-                    rects.append((x - tw / 2, lo, x + tw / 2, hi - dh))
-                    c.l.rectangle((x - tw / 2, hi - dh, x + tw / 2, hi), fill=DOOR)
-                else:
-                    rects.append((x - tw / 2, lo, x + tw / 2, hi))
-            if ext:
-                rects += [(x - tw / 2, lv[0] + ts, x + tw / 2, G + 0.45 * s),  # foundation wall, footing
-                          (x - 0.45 * s, G + 0.45 * s, x + 0.45 * s, G + 0.7 * s)]
-        if not pitched:
-            rects += [(x - tw / 2, lv[n] - 0.8 * s, x + tw / 2, lv[n]) for x in (X0, X1)]
-        style = st["ext"]
-        for r in rects:
-            c.d.rectangle(r, fill=0)
-            c.l.rectangle(r, fill=WALL)
-        if style != "solid":
-            for r in rects:
-                ir = (r[0] + 1, r[1] + 1, r[2] - 1, r[3] - 1)
-                c.d.rectangle(ir, fill=st["gray"] if style == "gray" else 255)
-                if style == "hatch":
-                    _hatch(c, rng, ir, 7, "/")
-    if pitched:
-        e, mid, hh = 0.5 * s, (X0 + X1) / 2, rh * s
-        poly = [(X0 - e, lv[n] + ts), (mid, lv[n] - hh), (X1 + e, lv[n] + ts),
-                (X1 + e, lv[n] + 2 * ts), (mid, lv[n] - hh + ts * 1.2), (X0 - e, lv[n] + 2 * ts)]
-        c.d.polygon(poly, fill=0 if st["ext"] == "solid" and not elev else 255, outline=0, width=2)
-        c.l.polygon(poly, fill=WALL)
-    # levels, dimensions, names, title
-    for k, y in enumerate(lv):
-        x = X0 - 40 - tw
-        c.l.rectangle((x - 150, y - 34, x + 4, y + 2), fill=DIM)
-        c.d.line([(x - 140, y), (x, y)], fill=0)
-        _arrow(c, (x - 120, y), (0, 1), 12, DIM)
-        h = (lv[0] - y) / s
-        mark = _pick(rng, (f"+{h:.2f}", f"LEVEL {k}", f"EL. {h * 1000:.0f}"))
-        c.text((x - 104, y - 4), mark, st["dim_txt"], cls=DIM, anchor="lb")
-    _dim_chain(c, st, s, False, list(lv) + [G], X1 + tw + 60, X1 + tw / 2 + 10, 1)
-    for k in range(n):
-        for q in range(len(bays)):
-            if u() < 0.35 and not elev:
-                name = _pick(rng, tuple(_ROOMS[st["lang"]].values()))
-                c.text(((gxs[q] + gxs[q + 1]) / 2, lv[k] - fh * s * 0.75), name, st["room_txt"] - 2)
-    title = _pick(rng, ("NORTH ELEVATION", "SOUTH ELEVATION", "EAST ELEVATION") if elev
-                  else ("SECTION A-A", "BUILDING SECTION", "COUPE AA", "SECCION 1"))
-    _drawing_title(c, rng, X0 - 1.2 * s, by1 - 40, title, _pick(rng, ("1:50", "1:75", "1:100")))
-
-
-def _elev_window(c, rng, b):
-    x0, y0, x1, y1 = b
-    if x1 - x0 < 30 or y1 - y0 < 30:
-        return
-    c.rect(b, WINDOW, width=2, fill=255)
-    c.d.rectangle((x0 + 5, y0 + 5, x1 - 5, y1 - 5), outline=0)
-    n = max(1, int((x1 - x0) // 70))
-    for k in range(1, n):
-        x = x0 + (x1 - x0) * k / n
-        c.d.line([(x, y0 + 5), (x, y1 - 5)], fill=0, width=2)
-    if rng.uniform() < 0.4:
-        y = y0 + (y1 - y0) * 0.3
-        c.d.line([(x0 + 5, y), (x1 - 5, y)], fill=0, width=2)
-    if rng.uniform() < 0.3:  # opening sash marker
-        c.dashed((x0 + 5, y1 - 5), ((x0 + x1) / 2, y0 + 5), WINDOW, pattern=(6, 4))
-        c.dashed(((x0 + x1) / 2, y0 + 5), (x1 - 5, y1 - 5), WINDOW, pattern=(6, 4))
-
-
-def _elev_door(c, rng, b):
-    x0, y0, x1, y1 = b
-    if x1 - x0 < 40 or y1 - y0 < 60:
-        return
-    c.rect(b, DOOR, width=2, fill=255)
-    c.d.rectangle((x0 + 6, y0 + 6, x1 - 6, y1), outline=0)
-    if rng.uniform() < 0.4:
-        c.d.rectangle((x0 + 16, y0 + 18, x1 - 16, (y0 + y1) / 2), outline=0)
-    hx = x1 - 16 if rng.uniform() < 0.5 else x0 + 16
-    c.d.line([(hx, (y0 + y1) / 2 + 10), (hx, (y0 + y1) / 2 + 30)], fill=0, width=3)
-
-
-# ------------------------------------------------------------------------------------ details
-_MATERIALS = {  # name: (hatch, thickness range m, note)
-    "plaster": ("dots", (0.012, 0.02), "PLASTER FINISH"), "board": (None, (0.0125, 0.025), "GYPSUM BOARD"),
-    "block": ("x", (0.1, 0.2), "CONCRETE BLOCK"), "brick": ("/", (0.1, 0.11), "BRICK VENEER"),
-    "concrete": ("concrete", (0.15, 0.25), "REINFORCED CONCRETE"),
-    "insulation": ("zig", (0.05, 0.15), "RIGID INSULATION"),
-    "cavity": (None, (0.03, 0.05), "AIR CAVITY"), "timber": ("wood", (0.04, 0.1), "TIMBER BATTEN"),
-}
-
-
-def _detail(c, rng, st, box):
-    u = rng.uniform
-    x0, y0, x1, y1 = box
-    W, H = x1 - x0, y1 - y0
-    mats = [_pick(rng, ("plaster", "board"))] + [_pick(rng, ("block", "concrete")), "insulation"]
-    mats += [_pick(rng, ("cavity", "timber")), _pick(rng, ("brick", "block"))] if u() < 0.6 else []
-    thick = [u(*_MATERIALS[m][1]) for m in mats]
-    total, wpx = sum(thick), u(0.22, 0.36) * W
-    sd = wpx / total  # the detail's own scale (px per metre), typically 1:5-1:10
-    wx, wy0, wy1 = x0 + u(0.3, 0.42) * W, y0 + 50, y1 - 16  # interior (slab side) to the left
-    found = u() < 0.35
-    gl = wy0 + u(0.45, 0.65) * (wy1 - wy0)
-    if found:
-        eb = (x0, gl, x1, wy1)
-        c.rect(eb, ANNO, width=0)
-        _hatch(c, rng, eb, u(10, 16), "earth")
-        c.line([(x0, gl), (x1, gl)], ANNO, width=2)
-    edges = wx + np.concatenate([[0], np.cumsum(thick)]) * sd
-    for m, a, b in zip(mats, edges[:-1], edges[1:]):
-        r = (a, wy0, b, wy1 - (0.25 * sd if found else 0))
-        c.rect(r, WALL, width=1 + (m == "board"), fill=255)
-        if _MATERIALS[m][0]:
-            _hatch(c, rng, (r[0] + 1, r[1] + 1, r[2] - 1, r[3] - 1), u(6, 12), _MATERIALS[m][0])
-    if found:
-        fb = (wx - 0.2 * sd, wy1 - 0.25 * sd, edges[-1] + 0.2 * sd, wy1)
-        c.rect(fb, WALL, width=2, fill=255)
-        _hatch(c, rng, fb, 9, "concrete")
-    else:
-        sy, sth = wy0 + u(0.3, 0.5) * (wy1 - wy0), min(u(0.18, 0.25) * sd, 0.2 * H)
-        sb = (x0 + 14, sy, edges[2], sy + sth)  # the slab bears on the structural leaf
-        c.rect(sb, WALL, width=2, fill=255)
-        _hatch(c, rng, sb, 9, "concrete")
-        c.rect((x0 + 14, sy - 0.05 * sd, wx, sy), WALL, fill=255)
-        c.l.rectangle((x0 + 2, sy - 0.05 * sd - 10, x0 + 18, sy + sth + 10), fill=ANNO)
-        zig = [(10, -0.05 * sd - 10), (10, sth * 0.4), (4, sth * 0.5), (16, sth * 0.6), (10, sth + 10)]
-        c.d.line([(x0 + dx, sy + dy) for dx, dy in zig], fill=0)
-        if u() < 0.5:  # a window or door frame below the slab, through the wall
-            cls = WINDOW if u() < 0.7 else DOOR
-            fb = (edges[0], sy + sth + 4, edges[-1], min(wy1 - 4, sy + sth + u(0.12, 0.2) * sd + 60))
-            c.rect(fb, cls, fill=255, width=2)
-            fx0, fy0, fx1, fy1 = fb
-            for k in range(3):
-                cx = fx0 + (fx1 - fx0) * (k + 1) / 4
-                c.d.rectangle((cx - 6, fy0 + 6, cx + 6, fy0 + 20), outline=0)
-            m = (fx0 + fx1) / 2
-            c.d.line([(m - 4, fy0 + 24), (m - 4, fy1)], fill=0)
-            c.d.line([(m + 4, fy0 + 24), (m + 4, fy1)], fill=0, width=1 + (cls == DOOR) * 4)
-    for y in (wy0,) if found else (wy0, wy1):
-        c.l.rectangle((wx - 4, y - 8, edges[-1] + 4, y + 8), fill=ANNO)
-        xm = (wx + edges[-1]) / 2
-        c.d.line([(wx - 4, y), (xm - 6, y), (xm - 2, y - 8), (xm + 2, y + 8), (xm + 6, y), (edges[-1] + 4, y)],
-                 fill=0)
-    _dim_chain(c, dict(st, units="mm"), sd, True, list(edges), wy0 - 24, wy0 - 10, -1)
-    nx, ts = edges[-1] + u(60, 120), st["note_txt"]
-    ylo = wy0 + 20
-    yhi = max(ylo + 1, sy - 12 if not found else wy1 - 0.25 * sd - 10)
-    js = rng.permutation(len(mats))[:5]
-    for k, (j, ty) in enumerate(zip(js, np.sort(u(ylo, yhi, len(js))))):
-        tx, txt = (edges[j] + edges[j + 1]) / 2, f"{thick[j] * 1000:.0f} MM {_MATERIALS[mats[j]][2]}"
-        ny = y0 + 60 + k * (ts * 2.6)
-        if nx + _font(ts).getlength(txt) < x1 and c.free((nx, ny - ts, nx + _font(ts).getlength(txt), ny + ts)):
-            c.text((nx + 4, ny), txt, ts, anchor="lm")
-            c.line([(nx, ny), (nx - 16, ny), (tx, ty)], ANNO)
-            c.circle((tx, ty), 3, ANNO, fill=0)
-    title = _pick(rng, ("WALL SECTION", "TYP. SILL DETAIL", "FOUNDATION DETAIL", "DETAIL 3", "EAVE DETAIL"))
-    _drawing_title(c, rng, x0, y1 + 28, title, _pick(rng, ("1:5", "1:10", "1:20")))
-
-
-# ----------------------------------------------------------------------------------- schedules
-_COLUMNS = {
-    "DOOR": ("MARK", "WIDTH", "HEIGHT", "TYPE", "MATERIAL", "FINISH", "FIRE RATING", "HARDWARE", "REMARKS"),
-    "WINDOW": ("MARK", "WIDTH", "HEIGHT", "SILL", "TYPE", "FRAME", "GLAZING", "REMARKS"),
-    "ROOM FINISH": ("NO.", "ROOM", "FLOOR", "BASE", "WALLS", "CEILING", "HEIGHT", "REMARKS"),
-}
-_CELL = {"WIDTH": ("800", "900", "1000", "1200", "1800"), "HEIGHT": ("2100", "2400", "1200", "1500", "2.70"),
-         "SILL": ("900", "1000", "600"), "TYPE": tuple("ABCDEF"), "MATERIAL": ("WOOD", "HM", "ALUM", "GLASS"),
-         "FINISH": ("PAINT", "STAIN", "PREFIN."), "FIRE RATING": ("-", "30 MIN", "60 MIN", "90 MIN"),
-         "HARDWARE": ("SET 1", "SET 2", "SET 3"), "FRAME": ("ALUM", "PVC", "WOOD"), "GLAZING": ("DG", "TG", "LAM"),
-         "FLOOR": ("TILE", "CARPET", "VINYL", "CONC"), "BASE": ("TILE", "WOOD", "VINYL", "-"),
-         "WALLS": ("PAINT", "TILE", "GWB"), "CEILING": ("GWB", "ACT", "EXP")}
-
-
-def _cell(rng, st, kind, name, i):
-    if name in ("MARK", "NO."):
-        return f"{kind[0]}{i + 1:02d}"
-    if name == "ROOM":
-        return _pick(rng, tuple(_ROOMS[st["lang"]].values()))
-    if name == "REMARKS":
-        return _sentence(rng, 1, 4) if rng.uniform() < 0.4 else ""
-    return _pick(rng, _CELL[name])
-
-
-def _schedule(c, rng, st, box, s):
-    u = rng.uniform
-    x0, y0, x1, y1 = box
-    kind = _pick(rng, tuple(_COLUMNS))
-    cols = _COLUMNS[kind][: int(rng.integers(5, len(_COLUMNS[kind]) + 1))]
-    ts = int(u(12, 16))
-    rh = ts * u(1.7, 2.2)
-    t = c.text((x0, y0), f"{kind} SCHEDULE", ts + 8, anchor="la", bold=True)
-    ty = t[3] + 14
-    nrows = int(min(rng.integers(8, 28), (y1 - ty) // rh - 1 - (5 if kind != "ROOM FINISH" else 0)))
-    rows = [cols] + [[_cell(rng, st, kind, name, i) for name in cols] for i in range(max(nrows, 2))]
-    f = _font(ts)
-    widths = [max(f.getlength(r[j]) for r in rows) + 16 for j in range(len(cols))]
-    while sum(widths) > x1 - x0 and len(widths) > 3:
-        widths.pop()
-    xs = x0 + np.concatenate([[0], np.cumsum(widths)])
-    for i, row in enumerate(rows):
-        for j in range(len(widths)):
-            if row[j]:
-                c.text((xs[j] + 8, ty + (i + 0.5) * rh), row[j], ts, anchor="lm", bold=i == 0)
-    yb = ty + len(rows) * rh
-    vert = u() < 0.7
-    for i in range(len(rows) + 1):
-        c.line([(xs[0], ty + i * rh), (xs[-1], ty + i * rh)], ANNO, width=2 if i in (0, 1, len(rows)) else 1)
-    for j, x in enumerate(xs):
-        if vert or j in (0, len(xs) - 1):
-            c.line([(x, ty), (x, yb)], ANNO, width=2 if j in (0, len(xs) - 1) else 1)
-    # type elevations under the table
-    if kind != "ROOM FINISH" and u() < 0.8:
-        x, base = x0 + 40, yb + 90 + 2.4 * s
-        while base < y1 - 30:
-            w = u(0.8, 1.0) * s if kind == "DOOR" else u(0.6, 2.4) * s
-            h = u(2.0, 2.4) * s if kind == "DOOR" else u(1.0, 1.6) * s
-            if x + w > x1 - 20:
-                break
-            (_elev_door if kind == "DOOR" else _elev_window)(c, rng, (x, base - h, x + w, base))
-            _bubble(c, (x + w / 2, base - h - 34), 15, _pick(rng, _CELL["TYPE"]))
-            _dim_chain(c, st, s, True, [x, x + w], base + 30, base + 8, 1)
-            x += w + u(0.6, 1.2) * s
-            if u() < 0.1:
-                break
-
-
-# ------------------------------------------------------------------------------ sheet assembly
-def _notes(c, rng, st, box):
-    x0, y0, x1, y1 = box
-    ts, f = st["note_txt"], _font(st["note_txt"])
-    heading = _pick(rng, ("GENERAL NOTES", "NOTES", "KEY NOTES", "REMARQUES"))
-    y = c.text((x0, y0), heading, ts + 4, anchor="la", bold=True)[3] + ts
-    for k in range(1, 14):
-        words, line, lines = f"{k}. {_sentence(rng, 4, 16)}".split(), "", []
-        for w in words:
-            if f.getlength(line + " " + w) > x1 - x0 - 10 and line:
-                lines.append(line)
-                line = "   " + w
-            else:
-                line = (line + " " + w).strip() if not line.startswith("   ") else line + " " + w
-        for ln in lines + [line]:
-            if y + ts * 1.4 > y1:
-                return
-            c.text((x0, y), ln, ts, anchor="la")
-            y += ts * 1.35
-        y += ts * 0.6
-
-
-def _frame(c, rng, st):
-    """Border and title block; returns the drawing area."""
-    u, W, H = rng.uniform, c.w, c.h
-    m = int(u(0.012, 0.025) * min(W, H))
-    m2 = m + int(u(8, 16))
-    c.rect((m, m, W - m, H - m), ANNO, solid=False)
-    c.rect((m2, m2, W - m2, H - m2), ANNO, width=int(rng.integers(2, 4)), solid=False)
-    if u() < 0.4:
-        for k in range(1, 6):
-            x = m2 + (W - 2 * m2) * (k - 0.5) / 5
-            c.text((x, (m + m2) / 2), str(k), int((m2 - m) * 0.8), cls=ANNO)
-            c.line([(m2 + (W - 2 * m2) * k / 5, m), (m2 + (W - 2 * m2) * k / 5, m2)], ANNO)
-    if u() < 0.65:  # block in the bottom-right corner
-        tb = (W - m2 - u(0.25, 0.38) * W, H - m2 - u(0.1, 0.16) * H, W - m2, H - m2)
-        area = (m2 + 20, m2 + 20, W - m2 - 20, tb[1] - 20)
-    else:  # strip along the right edge
-        tb = (W - m2 - u(0.11, 0.15) * W, m2, W - m2, H - m2)
-        area = (m2 + 20, m2 + 20, tb[0] - 20, H - m2 - 20)
-    c.rect(tb, ANNO, width=2, solid=False)
-    words = ("RESIDENCE", "HOUSING", "MUNTANYA 96", "VILLA", "OFFICE BLOCK", "SCHOOL", "ANNEX", "TERRASSA")
-    date = f"20{int(rng.integers(10, 26))}-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}"
-    fields = [("PROJECT", " ".join(_pick(rng, words) for _ in range(2))),
-              ("SHEET TITLE", _pick(rng, ("PLANS", "SECTIONS", "DETAILS", "SCHEDULES", "ELEVATIONS"))),
-              ("SCALE", _pick(rng, ("1:50", "1:100", "AS SHOWN"))), ("DATE", date),
-              ("DRAWN", _pick(rng, ("JD", "AM", "MR", "LC"))),
-              ("SHEET", f"{_pick(rng, 'ASDE')}-{int(rng.integers(1, 6))}{int(rng.integers(0, 30)):02d}")]
-    x0, y0, x1, y1 = tb
-    horiz = (x1 - x0) > (y1 - y0)
-    n = len(fields)
-    for k, (cap, val) in enumerate(fields):
-        if horiz:  # cells in two rows
-            cols = (n + 1) // 2
-            fx, fy = (x1 - x0) / cols, (y1 - y0) / 2
-            cb = (x0 + fx * (k % cols), y0 + fy * (k // cols), x0 + fx * (k % cols + 1), y0 + fy * (k // cols + 1))
-        else:  # cells stacked at the bottom of the strip, a logo box above
-            ch = min(90, (y1 - y0) / (n + 2))
-            cb = (x0, y1 - ch * (n - k), x1, y1 - ch * (n - k - 1))
-        c.line([(cb[0], cb[1]), (cb[2], cb[1])], ANNO)
-        c.line([(cb[0], cb[1]), (cb[0], cb[3])], ANNO)
-        c.text((cb[0] + 5, cb[1] + 4), cap, 10, anchor="la")
-        size = min((cb[3] - cb[1]) * (0.42 if cap == "SHEET" else 0.28), 36)
-        while size > 9 and _font(size).getlength(val) > cb[2] - cb[0] - 10:
-            size -= 2
-        c.text(((cb[0] + cb[2]) / 2, (cb[1] + cb[3]) / 2 + 6), val, size, bold=cap in ("SHEET", "PROJECT"))
-    if not horiz:
-        c.circle(((x0 + x1) / 2, y0 + 80), min(40, (x1 - x0) / 3), ANNO)
-        c.text(((x0 + x1) / 2, y0 + 80), "".join(_pick(rng, "ABCDMRST") for _ in range(2)), 24, bold=True, cls=ANNO)
-    return area
-
-
-def render_sheet(rng, sheet_type, *, px_per_m=DEFAULT_PX_PER_M, long_side=SHEET_LONG_SIDE, scan=0.5):
-    """One synthetic sheet drawn with generator `rng`: (image uint8, label uint8, ink bool).
-    `scan` is the probability of scan realism (tilt, faded ink, speckle, paper tone)."""
-    u = rng.uniform
-    L = int(u(*long_side))
-    W, H = (L, int(L / 1.414)) if u() < 0.75 else (int(L / 1.414), L)
-    c, st, s = _Canvas(W, H), _style(rng), u(*px_per_m)
-    x0, y0, x1, y1 = _frame(c, rng, st)
-    if sheet_type == "plan":
-        if u() < 0.45 and x1 - x0 > 1000:  # notes column
-            nw = u(0.2, 0.28) * (x1 - x0)
-            left = u() < 0.3
-            _notes(c, rng, st, (x0, y0, x0 + nw, y1) if left else (x1 - nw + 20, y0, x1, y1))
-            x0, x1 = (x0 + nw + 20, x1) if left else (x0, x1 - nw)
-        _plan(c, rng, s, (x0, y0, x1, y1), st)
-    elif sheet_type == "section":  # one drawing, or two stacked / side by side when there is room
-        if y1 - y0 > 1250 or (x1 - x0 > 1500 and u() < 0.5):
-            v = y1 - y0 > 1250
-            m = (y0 + y1) / 2 if v else (x0 + x1) / 2
-            _section(c, rng, s, (x0, y0, x1, m) if v else (x0, y0, m, y1), st)
-            _section(c, rng, s, (x0, m, x1, y1) if v else (m, y0, x1, y1), st)
-        else:
-            _section(c, rng, s, (x0, y0, x1, y1), st)
-    elif sheet_type == "detail":
-        nx = int(rng.integers(1, 3 if x1 - x0 < 1300 else 4))
-        ny = int(rng.integers(1, 3 if y1 - y0 > 900 else 2))
-        cw, chh = (x1 - x0) / nx, (y1 - y0) / ny
-        for i in range(nx):
-            for j in range(ny):
-                if u() < 0.85 or (i, j) == (0, 0):
-                    b = (x0 + i * cw + 10, y0 + j * chh + 10, x0 + (i + 1) * cw - 10, y0 + (j + 1) * chh - 60)
-                    if u() < 0.5:
-                        c.rect((b[0] - 6, b[1] - 6, b[2] + 6, b[3] + 54), ANNO, solid=False)
-                    _detail(c, rng, st, b)
-    else:
-        split = x0 + u(0.45, 0.7) * (x1 - x0) if x1 - x0 > 1100 else x1
-        _schedule(c, rng, st, (x0, y0, split - 30, y1), s)
-        if split < x1 and u() < 0.5:
-            _schedule(c, rng, st, (split, y0, x1, y1), s)
-        elif split < x1:
-            _notes(c, rng, st, (split, y0, x1, y1))
-    img, lab = c.im, c.lb
-    ink = np.asarray(img) < INK_THRESHOLD
-    if u() < scan:
-        img, lab, ink = _scan(rng, img, lab, ink)
-    return np.array(img), np.array(lab), np.asarray(ink)
-
-
-def _scan(rng, img, lab, ink):
-    u = rng.uniform
-    if u() < 0.6:
-        a = u(-0.6, 0.6)
-        img = img.rotate(a, Image.BILINEAR, fillcolor=255)
-        lab = lab.rotate(a, Image.NEAREST, fillcolor=BG)
-        ink = np.asarray(Image.fromarray(ink).rotate(a, Image.NEAREST))
-    if u() < 0.5:  # uneven toner: ink lightened by a smooth random field
-        field = Image.fromarray((u(0.45, 1.0, (6, 8)) * 255).astype(np.uint8)).resize(img.size, Image.BILINEAR)
-        a = np.asarray(img, np.float32)
-        img = Image.fromarray((255 - (255 - a) * np.asarray(field, np.float32) / 255).astype(np.uint8))
-    if u() < 0.6:
-        d = ImageDraw.Draw(img)
-        k = int(rng.integers(20, 200))
-        for x, y, r, g in zip(u(0, img.width, k), u(0, img.height, k), u(0.3, 1.3, k), u(40, 170, k)):
-            d.ellipse((x - r, y - r, x + r, y + r), fill=int(g))
-    if u() < 0.6:
-        lo, hi = u(0, 50), u(225, 252)
-        img = img.point([int(lo + (hi - lo) * v / 255) for v in range(256)])
-    return img, lab, ink
-
-
-class SyntheticSheets:
-    """Infinite stream of labeled synthetic sheets; sheet i is a pure function of
-    (seed, split, i). Splits are separate seed namespaces ("train", "probe_train", "probe_val")."""
-
-    def __init__(self, seed=0, split="train", *, px_per_m=DEFAULT_PX_PER_M, long_side=SHEET_LONG_SIDE,
-                 scan=0.5, types=SHEET_TYPES, weights=None, cache_size=2):
-        self.seed, self.split, self.px_per_m, self.long_side, self.scan = int(seed), split, px_per_m, long_side, scan
-        self.types = tuple(types)
-        # plans carry most element classes, so they get twice the share of each other type
-        w = np.asarray(weights if weights is not None else [2.0 if t == "plan" else 1.0 for t in self.types], float)
-        self.weights = w / w.sum()
-        self._ns, self._cache, self.cache_size = zlib.crc32(split.encode()), OrderedDict(), cache_size
-
-    def __getstate__(self):  # DataLoader workers start with an empty cache of their own
-        return dict(self.__dict__, _cache=OrderedDict())
-
-    def get_sheet(self, i):
-        i = int(i)
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        rng = np.random.default_rng([self.seed, self._ns, i])
-        t = self.types[int(rng.choice(len(self.types), p=self.weights))]
-        img, lab, ink = render_sheet(rng, t, px_per_m=self.px_per_m, long_side=self.long_side, scan=self.scan)
-        sheet = dict(image=img, label=lab, ink=ink, sheet_type=SHEET_TYPES.index(t),
-                     name=f"synthetic/{self.split}/{self.seed}/{i}")
-        self._cache[i] = sheet
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return sheet
 
 
 # ------------------------------------------------------------------------------- real sheets
@@ -2247,7 +1230,7 @@ def load_sheet_image(path, page=0, dpi=150):
 
 
 class FolderSheets:
-    """Sheets from a folder tree of PNG/JPEG/TIFF/BMP/WebP/PDF files. Pages are enumerated at start
+    """Sheets from a folder tree of PNG/JPEG/TIFF/BMP/WebP/PDF files (or one such file). Pages are enumerated at start
     from file headers (PDF page counts need pypdfium2), so every page of a multi-page TIFF or PDF is
     a sheet and unreadable files are skipped before training starts. get_sheet(k) picks a page
     uniformly (over pages, not files) with rng(seed, split, k); a page that fails to decode later
@@ -2257,7 +1240,8 @@ class FolderSheets:
     def __init__(self, root, *, seed=0, split="train", dpi=150, cache_size=4):
         self.root, self.seed, self.dpi, self.cache_size = Path(root), int(seed), dpi, cache_size
         self._ns, self._cache, self._bad = zlib.crc32(split.encode()), OrderedDict(), set()
-        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in SHEET_EXTENSIONS)
+        files = [self.root] if self.root.is_file() else sorted(  # one file (a multi-page PDF) or a tree
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in SHEET_EXTENSIONS)
         self.pages = []
         for f in files:
             try:
@@ -2295,7 +1279,7 @@ class FolderSheets:
                 _warn_once(f, e)
                 self._bad.add((f, p))
                 continue
-            name = str(f.relative_to(self.root)) + (f"#{p + 1}" if n > 1 else "")
+            name = (f.name if f == self.root else str(f.relative_to(self.root))) + (f"#{p + 1}" if n > 1 else "")
             sheet = dict(image=img, label=None, ink=_ink_mask(img), sheet_type=-1, name=name)
             self._cache[(f, p)] = sheet
             while len(self._cache) > self.cache_size:
@@ -2307,7 +1291,8 @@ class FolderSheets:
 def open_sheets(data, *, seed, split="train", dpi=150, **kw):
     """The sheet source for a --data argument: "synthetic" or a folder."""
     if data == "synthetic":
-        return SyntheticSheets(seed=seed, split=split, **kw)
+        import sheetgen  # lazily: training on a folder needs no generator
+        return sheetgen.SyntheticSheets(seed=seed, split=split, **kw)
     return FolderSheets(data, seed=seed, split=split, dpi=dpi, **kw)
 
 
@@ -2462,95 +1447,43 @@ def _worker_init(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class DataWait:
+    """Seconds the training loop spent waiting for batches since the last `take()`: the
+    data_ms_per_step of the log lines (near 0 when the workers keep up; close to ms_per_step
+    when they starve the accelerator)."""
+    seconds = 0.0
+
+    @classmethod
+    def take(cls) -> float:
+        s, cls.seconds = cls.seconds, 0.0
+        return s
+
+
+class TimedLoader:
+    """A DataLoader whose iterator adds the time spent in next() to DataWait."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            DataWait.seconds += time.perf_counter() - t0
+            yield batch
+
+
 def make_loader(dataset, batch_size, *, start=0, rank=0, world_size=1, num_workers=2, seed=0):
     """Infinite DataLoader over a TileDataset for one rank; resume with start = step * batch_size *
     world_size. Items are deterministic in (dataset seed, index), so worker count and timing do
     not change the data; `seed` only seeds torch's worker RNG for views that use torch randomness."""
-    return torch.utils.data.DataLoader(
+    return TimedLoader(torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers,
         sampler=InfiniteSampler(start, rank, world_size, block=batch_size),
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if num_workers > 0 else None)
-
-
-# ---------------------------------------------------------------------------- labeled sheets
-class LabeledSheets:
-    """Lazy list of (name, image uint8 HxW, mask uint8 HxW); mask class ids checked on access."""
-
-    def __init__(self, pairs, n_classes):
-        self.pairs, self.n_classes = pairs, n_classes
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, k):
-        name, ip, mp = self.pairs[k]
-        image = load_sheet_image(ip)
-        with Image.open(mp) as m:
-            if m.mode not in ("L", "P", "1", "I", "I;16"):
-                raise ValueError(f"mask {mp} has mode {m.mode}; expected single-channel class ids")
-            mask = np.asarray(m)
-        bad = (mask >= self.n_classes) & (mask != IGNORE)
-        if bad.any():
-            raise ValueError(f"mask {mp} has class id {int(mask[bad].max())} outside "
-                             f"0..{self.n_classes - 1} (255 = ignore)")
-        if mask.shape != image.shape:
-            raise ValueError(f"mask {mp} is {mask.shape[::-1]} but image {ip} is {image.shape[::-1]} "
-                             "after EXIF orientation")
-        return name, image, mask.astype(np.uint8)
-
-    def __iter__(self):
-        return (self[k] for k in range(len(self)))
-
-
-def _labeled_pairs(d):
-    if not (d / "images").is_dir():
-        raise ValueError(f"labeled folder {d} has no images/ subfolder")
-    pairs = []
-    exts = tuple(e for e in SHEET_EXTENSIONS if e != ".pdf")
-    for ip in sorted(p for p in (d / "images").iterdir() if p.suffix.lower() in exts):
-        mp = d / "masks" / (ip.stem + ".png")
-        if not mp.is_file():
-            raise ValueError(f"image {ip} has no mask {mp}")
-        with Image.open(ip) as a, Image.open(mp) as b:
-            sa = ImageOps.exif_transpose(a).size
-            if sa != b.size:
-                raise ValueError(f"mask {mp} is {b.size[0]}x{b.size[1]} but image {ip} is {sa[0]}x{sa[1]}")
-        pairs.append((ip.stem, ip, mp))
-    return pairs
-
-
-def load_labeled_folder(root, val_fraction=0.25):
-    """Read DIR/classes.txt and DIR/images/NAME.* + DIR/masks/NAME.png (uint8 class id, 255 =
-    ignore), or DIR/train/... and DIR/val/... with the same layout. Without those subfolders, a
-    name goes to val when crc32(name) falls in the lowest val_fraction of its range (stable across
-    machines and file additions). Returns (class_names, {"train": items, "val": items})."""
-    root = Path(root)
-    if not (root / "classes.txt").is_file():
-        raise ValueError(f"labeled folder {root} has no classes.txt (one class name per line)")
-    names = [s.strip() for s in (root / "classes.txt").read_text().splitlines() if s.strip()]
-    if (root / "train").is_dir() or (root / "val").is_dir():
-        return names, {sp: LabeledSheets(_labeled_pairs(root / sp) if (root / sp).is_dir() else [], len(names))
-                       for sp in ("train", "val")}
-    pairs = _labeled_pairs(root)
-    is_val = [zlib.crc32(n.encode()) < val_fraction * 2 ** 32 for n, _, _ in pairs]
-    return names, {"train": LabeledSheets([p for p, v in zip(pairs, is_val) if not v], len(names)),
-                   "val": LabeledSheets([p for p, v in zip(pairs, is_val) if v], len(names))}
-
-
-def synthetic_probe_set(split, n, tile=224, seed=0, tiles_per_sheet=8):
-    """Held-out labeled tiles for the frozen probe: list of (image uint8, mask uint8, sheet_type),
-    ink-bearing tiles cut at the native drawing scale from the "probe_<split>" namespace, which
-    never overlaps the "train" stream."""
-    src = SyntheticSheets(seed=seed, split=split if split.startswith("probe_") else f"probe_{split}", cache_size=1)
-    out, k = [], 0
-    while len(out) < n:
-        sh = src.get_sheet(k)
-        rng = np.random.default_rng([seed, k])
-        for _ in range(min(tiles_per_sheet, n - len(out))):
-            x0, y0, side = cut_region(sh, rng, tile)
-            img, lab = _region(sh["image"], x0, y0, side, 255), _region(sh["label"], x0, y0, side, BG)
-            out.append((np.array(img), np.array(lab), sh["sheet_type"]))
-        k += 1
-    return out
+        generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if num_workers > 0 else None))

@@ -11,10 +11,11 @@ patch tokens of the student's (masked) global crops must keep the pairwise simil
 (per-image Gram matrix X X^T) of a frozen earlier model, the Gram teacher, whose features are
 computed on the same crop rendered at 2x and resized to the student's grid. In the paper dense
 features then stop degrading as training goes on, while the features themselves stay free to move. `diff ibot_dino.py
-dinov3_gram.py` shows exactly this delta. The EMA teacher's backbone is exported and evaluated.
+dinov3_gram.py` shows this delta (and drops ibot_dino's --variant switch and centring). The EMA
+teacher's backbone is exported and evaluated.
 
 Commands:
-  CPU, tiny (1000 steps, ~18 min on 2 idle cores):  python dinov3_gram.py --preset tiny
+  CPU, tiny (1,000 steps, ~18 min on 2 cores; results/bench_tiny.md):  python dinov3_gram.py --preset tiny
   one GPU, ViT-S:  torchrun --standalone --nproc_per_node=1 dinov3_gram.py --preset small --data DIR
   8 GPUs, ViT-B:   torchrun --standalone --nproc_per_node=8 dinov3_gram.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -141,7 +142,6 @@ class DINOConfig(common.TrainConfig):
     gram_max_refreshes: int = 3  # ... at most this many times
     gram_hires: bool = True  # Gram teacher sees the crops rendered at 2x, its features resized to the student grid
     head_warmup_steps: int = 1000  # with --init: the backbone stays frozen while the random heads learn
-    cls_patch_every: int = 500  # steps between CLS-patch cosine measurements of the teacher on a fixed batch
     # optimisation
     blr: float = 5e-4  # base learning rate; lr = blr * batch_size / 256
     warmup_steps: int = 12_500  # linear lr warmup (10 epochs), then constant
@@ -153,28 +153,29 @@ class DINOConfig(common.TrainConfig):
     momentum_teacher: float = 0.994  # teacher EMA momentum, constant
     rope_rescale: float = 2.0  # student RoPE coordinate jitter, s in [1/r, r] (0: off)
     layerscale_init: float = 1e-5  # LayerScale init of a fresh backbone (DINOv2/v3; 0: none, as DINO v1)
+    # diagnostics
+    cls_patch_every: int = 500  # steps between CLS-patch cosine measurements of the teacher on a fixed batch
 
 
 PRESETS = {
-    # 2-core CPU, <= 20 min. A first DINO (4096 prototypes, 128/64 px crops from anywhere on the
-    # sheet, momentum 0.99, teacher temperature 0.04) sat at ln K for all its steps. In 3-minute
-    # runs (batch 32) each change below was needed to leave ln K: crops from one 96 px tile
-    # (views that overlap); no LayerScale (with init 1e-5 the CLS outputs of different crops
-    # differed by 7e-6 relative: the teacher could not tell images apart); the He-initialised
-    # head; 64/32 px crops (4 x 4 and 2 x 2 patches, ~4x the steps of 128/64 px); inkier crops;
-    # 256 prototypes; a sharp constant teacher temperature 0.02; EMA centre momentum 0.5 (at
-    # 0.9 the lagging centre let a sharp teacher put every image on one prototype); lr 1e-3.
-    # RoPE jitter up to 4x lets the 4 x 4 grid's coordinate spacing reach the 14 x 14 probe
-    # grid's (2/14 ~ (2/4) / 3.5); it did not change the trajectory. With all of them dino's
-    # teacher entropy went 5.1 -> 4.2-4.9 (ln 256 = 5.55) over steps 90-180 with the loss at
-    # 4.5-5.2; ibot's loss reached 4.6 by step 80; dinov2's Sinkhorn-Knopp teacher sat at
-    # 4.7-5.0 from step 40 while its student stayed near ln K to step 170 (its patch loss fell).
-    # Here the same settings with DINOv3's changes (Sinkhorn-Knopp, so no centre; constant lr, wd
-    # and momentum 0.99). Measured on 2 busy cores over 40-80 steps, not the whole preset: the
-    # teacher entropy was 4.89 at step 40 and 4.78 at 60, the student near ln K, as dinov2's was.
-    # scripts/bench.py on 2 idle cores: 865 ms/step before Gram, 1,205 ms/step with the 2x Gram
-    # teacher (its 8 x 8 grid has 4x a global crop's patches): 1000 steps ~18.4 min, the Gram
-    # teacher copied at step 300 and refreshed at 500, 700 and 900. Measured runs: see the README.
+    # 2-core CPU, <= 20 min. A first tiny DINO (4096 prototypes, 128/64 px crops from anywhere on
+    # the sheet, momentum 0.99, teacher temperature 0.04) sat at ln K for every step; in
+    # 3-minute runs (batch 32) each change below was needed to leave ln K (the runs: results/LOG.md):
+    # - tile_size 96: all crops of a sample come from one tile, so the views overlap.
+    # - layerscale_init 0: with 1e-5 the CLS outputs of different crops differed by 7e-6 relative, so
+    #   the teacher could not tell images apart.
+    # - global_size 64, local_size 32 (4 x 4 and 2 x 2 patches): ~4x the steps of 128/64 px crops.
+    # - min_ink 0.15, n_prototypes 256, head_hidden 512 (with the He-initialised head, see the header).
+    # - teacher_temp 0.02, constant: a sharp teacher.
+    # - center_momentum 0.5 (DINO's centre): at 0.9 the lagging centre let the sharp teacher put every
+    #   image on one prototype.
+    # - blr 0.008 (lr 1e-3 at batch 32), warmup 20 steps, momentum_teacher 0.99.
+    # - rope_rescale 4: the 4 x 4 grid's coordinate spacing then reaches the 14 x 14 probe grid's
+    #   (2/14 ~ (2/4) / 3.5); it did not change the trajectory.
+    # Here with DINOv3's changes (Sinkhorn-Knopp, so no centre; constant lr, wd and momentum 0.99).
+    # The Gram teacher is copied at step 300 and refreshed at 500, 700 and 900; a step with it costs
+    # ~1.4x one without (results/bench_tiny.md). Outcome at 1,000 steps: 14.8 best-block mIoU vs 14.7 for
+    # random init, last block 14.4 vs 12.0 without Gram (results/probe_tiny_dinov3_gram_vs_nogram.md).
     "tiny": dict(arch="vit_tiny", batch_size=32, steps=1000, tile_size=96, global_size=64, global_scale=(1.0, 1.5),
                  n_local=4, local_size=32, local_scale=(1.0, 2.0), min_ink=0.15, n_prototypes=256, head_hidden=512,
                  head_bottleneck=128, freeze_last_layer_steps=20, teacher_temp_start=0.02, teacher_temp=0.02,
@@ -272,8 +273,10 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, token_w
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8):
-    """Kozachenko-Leonenko entropy estimate (DINOv2): -mean_i log(min_{j != i} ||x_i - x_j||)
-    on L2-normalised rows. Fewer than 2 rows have no neighbour: 0 (not inf)."""
+    """Kozachenko-Leonenko entropy estimate (DINOv2): -mean_i log(d_i + eps) on L2-normalised
+    rows, d_i = ||x_i - x_n(i) + eps|| to the nearest other row n(i) (eps inside the norm, as
+    torch's pairwise distance and the official code have it, so a duplicate row gives
+    -log((sqrt(D) + 1) eps) rather than -log(2 eps)). Fewer than 2 rows: 0 (not inf)."""
     if x.shape[0] < 2:
         return x.sum() * 0.0
     x = F.normalize(x.float(), dim=-1, eps=eps)
@@ -281,7 +284,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8):
         dots = x @ x.t()
         dots.fill_diagonal_(-2.0)  # never one's own neighbour
         nearest = dots.argmax(dim=1)  # largest cosine = smallest distance on the sphere
-    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
+    return -torch.log(F.pairwise_distance(x, x[nearest], p=2.0, eps=eps) + eps).mean()
 
 
 @torch.no_grad()
@@ -312,6 +315,22 @@ def collapse_warning(dino: float, ln_k: float) -> str | None:
     if dino < 0.03 * ln_k:
         return f"DINO loss {dino:.4f} is near 0: constant collapse (every image on the same prototype)"
     return None
+
+
+@torch.no_grad()
+def cls_patch_cosine(backbone: common.ViT, images: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between each image's CLS output and its patch outputs. DINOv3's
+    sign of dense-feature degradation: it rises as the patches drift towards the global feature."""
+    out = backbone(common.to_model_input(images))
+    return F.cosine_similarity(out["cls"].float()[:, None], out["patches"].float(), dim=-1).mean()
+
+
+def teacher_temperature(step: int, cfg: DINOConfig) -> float:
+    """teacher_temp_start to teacher_temp in teacher_temp_warmup_steps evenly spaced values with
+    the final one left out (DINOv3's schedules build np.linspace(start, peak, warmup,
+    endpoint=False); DINOv2 includes it), so the final value arrives at step warmup; constant
+    from there."""
+    return common.linear_ramp(step, 0, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start, cfg.teacher_temp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,14 +382,6 @@ def gram_teacher_update(step: int, cfg: DINOConfig, anchored: bool) -> bool:
         return True
     since, every = step - cfg.gram_start, cfg.gram_refresh_every
     return every > 0 and since > 0 and since % every == 0 and since // every <= cfg.gram_max_refreshes
-
-
-@torch.no_grad()
-def cls_patch_cosine(backbone: common.ViT, images: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between each image's CLS output and its patch outputs. DINOv3's
-    sign of dense-feature degradation: it rises as the patches drift towards the global feature."""
-    out = backbone(common.to_model_input(images))
-    return F.cosine_similarity(out["cls"].float()[:, None], out["patches"].float(), dim=-1).mean()
 
 
 # ---------------------------------------------------------------------------------------
@@ -516,15 +527,14 @@ def main(argv=None):
         B = global_crops.shape[0] // 2  # views are crop-major: [crop 0 of every image, crop 1 ...]
         lr = common.warmup_constant(step, lr_peak, warmup=cfg.warmup_steps)
         common.set_lr_wd(opt, lr, cfg.weight_decay)
-        teacher_temp = common.linear_ramp(step, 0, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
-                                          cfg.teacher_temp)
+        teacher_temp = teacher_temperature(step, cfg)
+        if cls_patch_cos is None or step % cfg.cls_patch_every == 0:
+            with common.autocast(dev):
+                cls_patch_cos = cls_patch_cosine(teacher.backbone, fixed_tiles)
         gram_weight, local_weight = gram_weights(step, cfg)
         if gram_teacher is not None and gram_teacher_update(step, cfg, anchored):
             gram_teacher.load_state_dict(teacher.backbone.state_dict())  # stays frozen and in eval mode
             common.print0(f"Gram teacher <- EMA teacher after {step} steps")
-        if cls_patch_cos is None or step % cfg.cls_patch_every == 0:
-            with common.autocast(dev):
-                cls_patch_cos = cls_patch_cosine(teacher.backbone, fixed_tiles)
         rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=common.step_generator(
             cfg.seed, step, run.dist.rank))))
         masks = draw_masks(2 * B, grid, grid, cfg.mask_probability, cfg.mask_ratio, rng)  # (2B, N)
@@ -568,8 +578,8 @@ def main(argv=None):
             # collapse watch: a uniform teacher has entropy ln K, a constant one a batch-mean entropy ~0
             teacher_entropy = entropy(t_cls_probs)
             batch_entropy = entropy(t_cls_probs.mean(0, keepdim=True))
-            # the DINO loss as a mean over its weighted pairs (2 global, 2n local ones): ln K when uniform
-            dino_ce = losses["dino"].detach() * (1 + cfg.n_local) / (1 + cfg.n_local * local_weight)
+            # the DINO loss as a mean over its pairs (2 global, 2n local ones): ln K when uniform
+            dino_ce = losses["dino"].detach() * (1 + cfg.n_local) / (1 + cfg.n_local * local_weight)  # unweighted
             kl = dino_ce - teacher_entropy  # mean KL(teacher || student) over the pairs
         run.step(step, models, {"opt": opt}, extra={"cls_patch_cos": cls_patch_cos}, loss=loss, **losses,
                  teacher_entropy=teacher_entropy, batch_entropy=batch_entropy, kl=kl, grad_norm=grad_norms[0], lr=lr,

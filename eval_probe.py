@@ -50,17 +50,18 @@ import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from common import ARCHS, ViT, autocast, load_backbone, patchify, print0, run_info, to_model_input
-from common import CLASSES, SHEET_TYPES, load_labeled_folder, synthetic_probe_set
+from common import CLASSES, IGNORE_COLOUR, PALETTE, SHEET_EXTENSIONS, SHEET_TYPES, load_sheet_image
 
 IGNORE = 255  # label id of pixels that are not scored (also the white padding of sheets)
 TILE = 224  # tile side in pixels: the one image size of the protocol
@@ -80,9 +81,6 @@ RANK_SAMPLES = 8192  # patch tokens used for the effective rank
 # neither group; classes of a labeled folder not named here count in "all" only.
 INK_LOCAL = ("wall", "window", "stair", "fixture", "text")
 CONTEXT = ("door", "dimension", "annotation")
-PALETTE = [(255, 255, 255), (30, 30, 30), (230, 60, 50), (40, 120, 230), (240, 170, 30),
-           (60, 170, 80), (160, 80, 200), (0, 180, 190), (230, 90, 170)]  # background, wall, door, ...
-IGNORE_COLOUR = (205, 205, 205)
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,9 +140,78 @@ def stitch(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return x.reshape(x.shape[0], *lead, rows * t, cols * u)
 
 
+# ---------------------------------------------------------------------------------------
+# Labeled folders: DIR/classes.txt, DIR/images/NAME.*, DIR/masks/NAME.png
+# ---------------------------------------------------------------------------------------
+
+class LabeledSheets:
+    """Lazy list of (name, image uint8 HxW, mask uint8 HxW); mask class ids checked on access."""
+
+    def __init__(self, pairs, n_classes):
+        self.pairs, self.n_classes = pairs, n_classes
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, k):
+        name, ip, mp = self.pairs[k]
+        image = load_sheet_image(ip)
+        with Image.open(mp) as m:
+            if m.mode not in ("L", "P", "1", "I", "I;16"):
+                raise ValueError(f"mask {mp} has mode {m.mode}; expected single-channel class ids")
+            mask = np.asarray(m)
+        bad = (mask >= self.n_classes) & (mask != IGNORE)
+        if bad.any():
+            raise ValueError(f"mask {mp} has class id {int(mask[bad].max())} outside "
+                             f"0..{self.n_classes - 1} (255 = ignore)")
+        if mask.shape != image.shape:
+            raise ValueError(f"mask {mp} is {mask.shape[::-1]} but image {ip} is {image.shape[::-1]} "
+                             "after EXIF orientation")
+        return name, image, mask.astype(np.uint8)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+
+def _labeled_pairs(d):
+    if not (d / "images").is_dir():
+        raise ValueError(f"labeled folder {d} has no images/ subfolder")
+    pairs = []
+    exts = tuple(e for e in SHEET_EXTENSIONS if e != ".pdf")
+    for ip in sorted(p for p in (d / "images").iterdir() if p.suffix.lower() in exts):
+        mp = d / "masks" / (ip.stem + ".png")
+        if not mp.is_file():
+            raise ValueError(f"image {ip} has no mask {mp}")
+        with Image.open(ip) as a, Image.open(mp) as b:
+            sa = ImageOps.exif_transpose(a).size
+            if sa != b.size:
+                raise ValueError(f"mask {mp} is {b.size[0]}x{b.size[1]} but image {ip} is {sa[0]}x{sa[1]}")
+        pairs.append((ip.stem, ip, mp))
+    return pairs
+
+
+def load_labeled_folder(root, val_fraction=0.25):
+    """Read DIR/classes.txt and DIR/images/NAME.* + DIR/masks/NAME.png (uint8 class id, 255 =
+    ignore), or DIR/train/... and DIR/val/... with the same layout. Without those subfolders, a
+    name goes to val when crc32(name) falls in the lowest val_fraction of its range (stable across
+    machines and file additions). Returns (class_names, {"train": items, "val": items})."""
+    root = Path(root)
+    if not (root / "classes.txt").is_file():
+        raise ValueError(f"labeled folder {root} has no classes.txt (one class name per line)")
+    names = [s.strip() for s in (root / "classes.txt").read_text().splitlines() if s.strip()]
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        return names, {sp: LabeledSheets(_labeled_pairs(root / sp) if (root / sp).is_dir() else [], len(names))
+                       for sp in ("train", "val")}
+    pairs = _labeled_pairs(root)
+    is_val = [zlib.crc32(n.encode()) < val_fraction * 2 ** 32 for n, _, _ in pairs]
+    return names, {"train": LabeledSheets([p for p, v in zip(pairs, is_val) if not v], len(names)),
+                   "val": LabeledSheets([p for p, v in zip(pairs, is_val) if v], len(names))}
+
+
 def load_data(args) -> tuple[list[str], TileSet, TileSet, dict]:
     """-> class names, probe-train tiles, held-out tiles, a description of the split."""
     if args.data == "synthetic":
+        from sheetgen import synthetic_probe_set
         train, val = ([dict(name=f"{split}/{i}", image=img, mask=mask, sheet_type=t) for i, (img, mask, t) in
                        enumerate(synthetic_probe_set(split, n, tile=args.tile, seed=DATA_SEED))]
                       for split, n in (("probe_train", args.n_train), ("probe_val", args.n_val)))
@@ -173,7 +240,7 @@ def extract_features(model: ViT, data: TileSet, layers: list[int], device: torch
     token_norm (N, h*w) last block before the final norm, cls_cos (N,) mean cos(CLS, patch)."""
     model.eval().to(device)
     out = dict(layers={i: [] for i in layers}, cls=[], pool=[], token_norm=[], cls_cos=[])
-    for i in tqdm(range(0, len(data.images), batch_size), desc="features", leave=False):
+    for i in tqdm(range(0, len(data.images), batch_size), desc="features", leave=False, disable=None):
         x = to_model_input(data.images[i:i + batch_size, None].to(device).float() / 255)  # (B, 3, T, T)
         with autocast(device):
             o = model(x, layers=layers)
@@ -446,11 +513,17 @@ def diagnostics(fval: dict, val: TileSet, last: int) -> dict:
 # Pictures (Pillow only)
 # ----------------------------------------------------------------------------------------
 
-def colour_labels(mask: torch.Tensor) -> Image.Image:
-    lut = np.random.default_rng(0).integers(40, 220, (256, 3)).astype(np.uint8)  # classes beyond the palette
+def label_lut() -> np.ndarray:
+    """(256, 3) uint8 colour of each class id: common.PALETTE, then fixed random colours for the
+    classes of a labeled folder beyond it, IGNORE_COLOUR for ignore."""
+    lut = np.random.default_rng(0).integers(40, 220, (256, 3)).astype(np.uint8)
     lut[:len(PALETTE)] = PALETTE
     lut[IGNORE] = IGNORE_COLOUR
-    return Image.fromarray(lut[mask.numpy()])
+    return lut
+
+
+def colour_labels(mask: torch.Tensor) -> Image.Image:
+    return Image.fromarray(label_lut()[mask.numpy()])
 
 
 def pca_rgb(grids: list[torch.Tensor]) -> list[Image.Image]:
@@ -505,7 +578,7 @@ def save_examples(path: Path, val: TileSet, idx: list[int], feats_last: torch.Te
     y0 = head + len(panels) * (ch + 6) + 4
     for c, name in enumerate(classes):
         x, y = 6 + (c % 4) * 150, y0 + (c // 4) * 20
-        draw.rectangle([x, y, x + 14, y + 14], fill=PALETTE[c % len(PALETTE)], outline="black")
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in label_lut()[c]), outline="black")
         draw.text((x + 20, y + 2), name, fill="black")
     canvas.save(path)
 
@@ -572,7 +645,7 @@ def probe_features(ftrain: dict, fval: dict, train: TileSet, val: TileSet, class
     """Dense probe of every layer in ftrain['layers'] + the global probe. Returns results and
     the best layer's predicted maps of the keep_maps sheets."""
     dense, maps = {}, {}
-    for li in tqdm(sorted(ftrain["layers"]), desc="dense probe", leave=False):
+    for li in tqdm(sorted(ftrain["layers"]), desc="dense probe", leave=False, disable=None):
         probe = train_dense_probe(ftrain["layers"][li], train.masks, len(classes))
         r = evaluate(probe, fval["layers"][li], val, classes, keep_maps)
         maps[li] = r.pop("maps")
@@ -633,9 +706,17 @@ def arch_name(arch: dict) -> str:
 
 
 def ckpt_name(ckpt: str, taken: set) -> str:
-    name = "-".join(ckpt.split(":")) if ckpt.startswith("random:") else Path(ckpt).stem
-    if name in taken:
-        name = f"{Path(ckpt).parent.name}-{name}"
+    """A table row's name: random-<arch>[-seed]; a run's export (RUN_DIR/backbone.safetensors) is named
+    after its run dir (runs/mae/backbone.safetensors: mae); any other file by its stem."""
+    path = Path(ckpt)
+    if ckpt.startswith("random:"):
+        name = "-".join(ckpt.split(":"))
+    else:
+        if path.name == "backbone.safetensors":
+            path = path.resolve().parent
+        name = path.stem
+    if name in taken:  # the same name from another folder: prefix that folder
+        name = f"{path.resolve().parent.name}-{name}"
     while name in taken:
         name += "+"
     taken.add(name)
@@ -692,6 +773,18 @@ def table(rows: list[tuple[str, list[dict]]], oracle: dict) -> str:
     lines.append(f"| oracle: every pixel gets its patch's majority label | {o['miou']} | | 100.0 | {o['ink_miou']} / "
                  f"{o['context_miou']} | | | | | | |")
     return "\n".join(lines)
+
+
+def column_notes() -> str:
+    """One line per diagnostic column, under the table."""
+    return "\n".join([
+        f"- high-norm %: share of last-block patch tokens with a norm above {HIGH_NORM_MULT:g}x the median (before the "
+        "final norm): tokens that hold global information instead of their patch's (the artefacts registers absorb); "
+        "in brackets the share of those on blank paper (high: blank patches are repurposed).",
+        "- cos(CLS, patch): mean cosine between the CLS token and the patch tokens of a tile, last block; near 1 the "
+        "patch features are mostly one shared component with little local information.",
+        "- eff. rank: effective rank of last-block patch tokens (exp of the entropy of the normalised singular "
+        "values), at most the feature width; a handful means the features collapsed onto a few directions."])
 
 
 def caption(p: dict, blank_frac: float) -> str:
@@ -813,7 +906,8 @@ def main(argv=None) -> dict:
         rows.append((f"random init {arch_name(baseline[0]['arch'])}, {len(baseline)} seeds (mean ± std)",
                      [summary(r) for r in baseline]))
     rows.append((f"raw pixels ({patch}x{patch} patch grey values)", [summary(raw)]))
-    md = table(rows, oracle) + "\n\n" + caption(protocol, results[0]["diagnostics"]["blank_frac"]) + "\n"
+    md = "\n\n".join([table(rows, oracle), column_notes(), caption(protocol, results[0]["diagnostics"]["blank_frac"])])
+    md += "\n"
     (out_dir / "probe.md").write_text(md)
     print0("\n" + md)
 
@@ -825,6 +919,10 @@ def main(argv=None) -> dict:
         band = (lay, per.mean(0).tolist(), (per.std(0, ddof=1) if len(per) > 1 else 0 * per[0]).tolist())
     save_curve(out_dir / "probe_curve.png", curves, {"raw pixels": raw["dense"]["best_miou"]}, band,
                f"Oracle ceiling (patch-majority labels): {100 * oracle['miou']:.1f}")
+    print0(f"wrote {out_dir / 'probe.md'} (the table above) and {out_dir / 'probe_curve.png'} (mIoU per block)")
+    for name in dict.fromkeys(r["name"] for r in results + baseline + [raw]):  # seed 0 may be a --ckpt too
+        pictures = " and examples.png" if (out_dir / name / "examples.png").is_file() else ""
+        print0(f"  {name}: {out_dir / name / 'results.json'}{pictures}")
     return dict(results=results, baseline=baseline, raw=raw, table=md)
 
 

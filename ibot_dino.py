@@ -17,7 +17,8 @@ all teacher/student view pairs except identical views). `--variant` picks the lo
 The teacher's backbone is exported and evaluated.
 
 Commands (--variant dino | ibot | dinov2 on any of them):
-  CPU, tiny (1200 steps x 868 ms = about 17 min on 2 idle cores):  python ibot_dino.py --preset tiny --variant dino
+  CPU, tiny (1,200 steps x ~0.87 s = about 17 min on 2 cores; results/bench_tiny.md):
+      python ibot_dino.py --preset tiny --variant dino
   one GPU, ViT-S:  torchrun --standalone --nproc_per_node=1 ibot_dino.py --preset small --data DIR
   8 GPUs, ViT-B:   torchrun --standalone --nproc_per_node=8 ibot_dino.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -120,32 +121,34 @@ class DINOConfig(common.TrainConfig):
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine to 1 at the last step
     rope_rescale: float = 2.0  # student RoPE coordinate jitter, s in [1/r, r] (0: off)
     layerscale_init: float = 1e-5  # LayerScale init of a fresh backbone (DINOv2/v3; 0: none, as DINO v1)
+    # diagnostics
+    cls_patch_every: int = 500  # steps between CLS-patch cosine measurements of the teacher on a fixed batch
 
 
 PRESETS = {
-    # 2-core CPU, <= 20 min. A first DINO (4096 prototypes, 128/64 px crops from anywhere on the
-    # sheet, momentum 0.99, teacher temperature 0.04) sat at ln K for all its steps. In 3-minute
-    # runs (batch 32) each change below was needed to leave ln K: crops from one 96 px tile
-    # (views that overlap); no LayerScale (with init 1e-5 the CLS outputs of different crops
-    # differed by 7e-6 relative: the teacher could not tell images apart); the He-initialised
-    # head; 64/32 px crops (4 x 4 and 2 x 2 patches, ~4x the steps of 128/64 px); inkier crops;
-    # 256 prototypes; a sharp constant teacher temperature 0.02; EMA centre momentum 0.5 (at
-    # 0.9 the lagging centre let a sharp teacher put every image on one prototype); lr 1e-3.
-    # RoPE jitter up to 4x lets the 4 x 4 grid's coordinate spacing reach the 14 x 14 probe
-    # grid's (2/14 ~ (2/4) / 3.5); it did not change the trajectory. With all of them dino's
-    # teacher entropy went 5.1 -> 4.2-4.9 (ln 256 = 5.55) over steps 90-180 with the loss at
-    # 4.5-5.2; ibot's loss reached 4.6 by step 80; dinov2's Sinkhorn-Knopp teacher sat at
-    # 4.7-5.0 from step 40 while its student stayed near ln K to step 170 (its patch loss fell).
-    # Full 1200-step runs (2026-11-23), last 200 steps: teacher entropy dino 4.36, ibot 4.37,
-    # dinov2 4.52 (ln K 5.55), no constant collapse (batch entropy 4.7-5.5); dinov2's student DINO
-    # loss stayed at 5.27 (~ln K). Probe best-block mIoU 14.1 / 13.5 / 13.0 vs 14.7 +- 0.1 for
-    # random init: NOT above it (CLS-patch cosine 0.72-0.74, effective rank 27 vs 81): see README.
+    # 2-core CPU, <= 20 min. A first tiny DINO (4096 prototypes, 128/64 px crops from anywhere on
+    # the sheet, momentum 0.99, teacher temperature 0.04) sat at ln K for every step; in
+    # 3-minute runs (batch 32) each change below was needed to leave ln K (the runs: results/LOG.md):
+    # - tile_size 96: all crops of a sample come from one tile, so the views overlap.
+    # - layerscale_init 0: with 1e-5 the CLS outputs of different crops differed by 7e-6 relative, so
+    #   the teacher could not tell images apart.
+    # - global_size 64, local_size 32 (4 x 4 and 2 x 2 patches): ~4x the steps of 128/64 px crops.
+    # - min_ink 0.15, n_prototypes 256, head_hidden 512 (with the He-initialised head, see the header).
+    # - teacher_temp 0.02, constant: a sharp teacher.
+    # - center_momentum 0.5 (DINO's centre): at 0.9 the lagging centre let the sharp teacher put every
+    #   image on one prototype.
+    # - blr 0.008 (lr 1e-3 at batch 32), warmup 20 steps, momentum_teacher 0.99.
+    # - rope_rescale 4: the 4 x 4 grid's coordinate spacing then reaches the 14 x 14 probe grid's
+    #   (2/14 ~ (2/4) / 3.5); it did not change the trajectory.
+    # Outcome at 1,200 steps: no collapse (teacher entropy 4.36 / 4.37 / 4.52 for dino / ibot / dinov2,
+    # ln K 5.55), but the probe is not above random init: 14.1 / 13.5 / 13.0 vs 14.7
+    # (results/probe_tiny_dino_ibot_dinov2_capi.md).
     "tiny": dict(arch="vit_tiny", batch_size=32, steps=1200, tile_size=96, global_size=64, global_scale=(1.0, 1.5),
                  n_local=4, local_size=32, local_scale=(1.0, 2.0), min_ink=0.15, n_prototypes=256, head_hidden=512,
                  head_bottleneck=128, freeze_last_layer_steps=20, teacher_temp_start=0.02, teacher_temp=0.02,
                  teacher_temp_warmup_steps=0, center_momentum=0.5, momentum_teacher=0.99, blr=0.008,
-                 warmup_steps=20, drop_path=0.0, rope_rescale=4.0, layerscale_init=0.0, num_workers=1,
-                 log_every=20, ckpt_every=200),
+                 warmup_steps=20, drop_path=0.0, rope_rescale=4.0, layerscale_init=0.0, cls_patch_every=100,
+                 num_workers=1, log_every=20, ckpt_every=200),
     # the papers' recipes scaled to ViT-S/B (batch 1024 over 100-300 epochs in the papers)
     "small": dict(arch="vit_small", batch_size=1024, steps=125_000, num_workers=8, log_every=50, ckpt_every=2000),
     "base": dict(arch="vit_base", batch_size=1024, steps=125_000, drop_path=0.2, num_workers=10, log_every=50,
@@ -248,8 +251,10 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, token_w
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8):
-    """Kozachenko-Leonenko entropy estimate (DINOv2): -mean_i log(min_{j != i} ||x_i - x_j||)
-    on L2-normalised rows. Fewer than 2 rows have no neighbour: 0 (not inf)."""
+    """Kozachenko-Leonenko entropy estimate (DINOv2): -mean_i log(d_i + eps) on L2-normalised
+    rows, d_i = ||x_i - x_n(i) + eps|| to the nearest other row n(i) (eps inside the norm, as
+    torch's pairwise distance and the official code have it, so a duplicate row gives
+    -log((sqrt(D) + 1) eps) rather than -log(2 eps)). Fewer than 2 rows: 0 (not inf)."""
     if x.shape[0] < 2:
         return x.sum() * 0.0
     x = F.normalize(x.float(), dim=-1, eps=eps)
@@ -257,7 +262,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8):
         dots = x @ x.t()
         dots.fill_diagonal_(-2.0)  # never one's own neighbour
         nearest = dots.argmax(dim=1)  # largest cosine = smallest distance on the sphere
-    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
+    return -torch.log(F.pairwise_distance(x, x[nearest], p=2.0, eps=eps) + eps).mean()
 
 
 def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -323,6 +328,24 @@ def collapse_warning(dino: float, ln_k: float) -> str | None:
     if dino < 0.03 * ln_k:
         return f"DINO loss {dino:.4f} is near 0: constant collapse (every image on the same prototype)"
     return None
+
+
+@torch.no_grad()
+def cls_patch_cosine(backbone: common.ViT, images: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between each image's CLS output and its patch outputs. DINOv3's
+    sign of dense-feature degradation: it rises as the patches drift towards the global feature."""
+    out = backbone(common.to_model_input(images))
+    return F.cosine_similarity(out["cls"].float()[:, None], out["patches"].float(), dim=-1).mean()
+
+
+def teacher_temperature(step: int, cfg: DINOConfig) -> float:
+    """teacher_temp_start to teacher_temp in teacher_temp_warmup_steps evenly spaced values with
+    both ends included (DINO, iBOT and DINOv2 build np.linspace(start, final, warmup)), so step
+    warmup - 1 already has the final value; constant from there."""
+    n, t0, t1 = cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start, cfg.teacher_temp
+    if step >= n:
+        return t1
+    return t0 if n == 1 else t0 + (t1 - t0) * step / (n - 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,6 +468,10 @@ def main(argv=None):
     loader = common.make_loader(dataset, run.local_batch, start=start * cfg.batch_size, rank=run.dist.rank,
                                 world_size=run.dist.world_size, num_workers=cfg.num_workers, seed=cfg.seed)
     batches = iter(loader)
+    # a fixed batch of 224 px tiles (the probe's size) from a seed of their own, for the CLS-patch cosine
+    tiles = common.TileDataset(sheets, seed=cfg.seed + 1, tiles_per_sheet=4)
+    fixed_tiles = torch.stack([tiles[i]["image"] for i in range(16)]).to(dev)  # (16, 1, 224, 224)
+    cls_patch_cos = run.extra["cls_patch_cos"].to(dev) if "cls_patch_cos" in run.extra else None
     lr_peak = cfg.blr * cfg.batch_size / 256
     grid = cfg.global_size // 16
     ln_k = math.log(cfg.n_prototypes)
@@ -458,8 +485,10 @@ def main(argv=None):
         wd = common.cosine_schedule(step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end)
         common.set_lr_wd(opt, lr, wd)
         momentum = common.cosine_schedule(step, cfg.steps, cfg.momentum_teacher, 1.0)
-        teacher_temp = common.linear_ramp(step, 0, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
-                                          cfg.teacher_temp)
+        teacher_temp = teacher_temperature(step, cfg)
+        if cls_patch_cos is None or step % cfg.cls_patch_every == 0:
+            with common.autocast(dev):
+                cls_patch_cos = cls_patch_cosine(teacher.backbone, fixed_tiles)
         masks = masked_index = token_weight = None
         if use_ibot:
             rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=common.step_generator(
@@ -496,12 +525,14 @@ def main(argv=None):
             # collapse watch: a uniform teacher has entropy ln K, a constant one a batch-mean entropy ~0
             teacher_entropy = entropy(t_cls_probs)
             batch_entropy = entropy(t_cls_probs.mean(0, keepdim=True))
-            kl = losses["dino"].detach() - teacher_entropy  # mean KL(teacher || student) over the pairs
-        run.step(step, models, {"opt": opt}, extra=targets.centers, loss=loss, **losses,
-                 teacher_entropy=teacher_entropy, batch_entropy=batch_entropy, kl=kl, grad_norm=grad_norms[0], lr=lr,
-                 momentum=momentum, teacher_temp=teacher_temp)
+            # the DINO loss as a mean over its pairs (2 global, 2n local ones): ln K when uniform
+            dino_ce = losses["dino"].detach()
+            kl = dino_ce - teacher_entropy  # mean KL(teacher || student) over the pairs
+        run.step(step, models, {"opt": opt}, extra={**targets.centers, "cls_patch_cos": cls_patch_cos}, loss=loss,
+                 **losses, teacher_entropy=teacher_entropy, batch_entropy=batch_entropy, kl=kl, grad_norm=grad_norms[0],
+                 lr=lr, momentum=momentum, teacher_temp=teacher_temp, cls_patch_cos=cls_patch_cos)
         if run.dist.is_main and (step + 1) % cfg.log_every == 0 and step >= cfg.warmup_steps:
-            warning = collapse_warning(float(losses["dino"]), ln_k)
+            warning = collapse_warning(float(dino_ce), ln_k)
             if warning:
                 common.print0(f"warning at step {step + 1}: {warning}")
         if run.stopped:

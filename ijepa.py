@@ -12,7 +12,7 @@ backbone that gets evaluated; its global representation is the average of its pa
 (`global_features`): no loss trains the cls token as a summary.
 
 Commands:
-  CPU, tiny (1800 steps x 661 ms = about 20 min on 2 idle cores, bench.py):  python ijepa.py --preset tiny
+  CPU, tiny (1,800 steps x ~0.66 s = about 20 min on 2 cores; results/bench_tiny.md):  python ijepa.py --preset tiny
   one GPU, ViT-S:                       torchrun --standalone --nproc_per_node=1 ijepa.py --preset small --data DIR
   8 GPUs, ViT-B:                        torchrun --standalone --nproc_per_node=8 ijepa.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -34,10 +34,12 @@ Deviations from the paper and the official code (and why):
   block sides are kept strictly smaller than the grid, so the last row and column are never
   inside any block (neither target nor context); here every row and column can be. (3) It
   truncates every image's context to the batch minimum by dropping the LAST indices (a bias
-  against the bottom of the image); here a random subset of that size is kept. (4) When no
-  context position leaves min_keep patches after removing the targets, the official code
-  relaxes the constraint and lets context overlap targets; here the context falls back to
-  the whole grid minus the targets, so context and targets never overlap.
+  against the bottom of the image); here a random subset of that size is kept. (4) When none
+  of 20 context positions keeps more than min_keep patches once the targets are removed, the
+  official code retries with fewer targets excluded (the last ones first), letting the context
+  overlap them; here the whole grid minus the targets is tried first, so context and targets
+  stay disjoint whenever that leaves enough, and only then the official relaxation follows
+  (then the whole grid, where the official code would retry forever). sample_masks lists the order.
 - Non-square grids: a block of area s*H*W gets height round(sqrt(area * aspect)) clipped to
   the grid and width round(area / height) clipped to the grid, so the scale stays right where
   one side hits the border.
@@ -48,8 +50,8 @@ Deviations from the paper and the official code (and why):
   grid coordinates of context and target patches, and the context encoder's cls and
   registers pass through it as unrotated prefix tokens. Targets are the patch tokens only.
   `--layerscale_init 0` drops LayerScale (the paper's plain blocks); at the tiny preset that
-  collapsed faster (effective rank 8.0 instead of 16.8, probe 13.9 vs random init 14.7,
-  measured 2026-12-01), so LayerScale 1e-5 stays the default.
+  collapsed faster (effective rank 8.0 instead of 16.8, probe 13.9 vs random init 14.7;
+  results/probe_tiny_ijepa_nolayerscale.md), so LayerScale 1e-5 stays the default.
 - Loss: smooth L1 (official code) by default, `--loss l2` for the paper's L2; the L2 is the
   mean over feature dimensions rather than the sum (a constant factor Adam ignores).
 - Views: crops at native resolution with mild scale jitter and ink-aware sampling instead of
@@ -57,10 +59,10 @@ Deviations from the paper and the official code (and why):
 - lr is not scaled with the batch (as in the official code); the warmup is a fraction of the
   steps, not 40 epochs.
 - Tiny preset (CPU minutes): 128 px crops with RoPE coordinate jitter; see PRESETS["tiny"].
-  Tried at this preset, not adopted (2026-12-02): `--lr 3e-4 --start_lr 1e-4 --ema_start 0.998`
+  Tried at this preset, not adopted: `--lr 3e-4 --start_lr 1e-4 --ema_start 0.998`
   keeps the target encoder from collapsing (effective rank 70 instead of 16.8, target std 0.48
   instead of 0.29 in the bake-off's run of the preset) but it stays near its random init:
-  probe 14.5 vs 14.6 for random init.
+  probe 14.5 vs 14.6 for random init (results/probe_tiny_ijepa_lr3e4.md).
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ class IJEPAConfig(common.TrainConfig):
     target_scale: tuple = (0.15, 0.2)  # target block area as a fraction of the grid
     target_aspect: tuple = (0.75, 1.5)  # target block height / width
     context_scale: tuple = (0.85, 1.0)  # context block area (aspect 1) before the targets are removed
-    min_keep: int = 10  # fewest context patches an image may keep
+    min_keep: int = 10  # an image's context must keep more than this many patches (official)
     pred_dim: int = 384  # predictor width (narrow: the paper's 384 for every encoder size)
     pred_depth: int = 6  # predictor blocks (official default; 12 for ViT-H)
     pred_heads: int = 12  # predictor heads (official: the encoder's; head dim must be a multiple of 4)
@@ -104,15 +106,15 @@ class IJEPAConfig(common.TrainConfig):
 
 
 PRESETS = {
-    # 2-core CPU, <= 20 min. 128 px crops (8 x 8 patches) give ~4x more steps than 224 px, and
-    # step count is what decides at this budget; the probe runs at 224 px, where RoPE
-    # coordinates in (-1, 1) are spaced 2/14 instead of 2/8, so the context encoder trains
-    # with coordinate jitter (rope_rescale 2: spacings 2/16 .. 2/4) to cover that spacing.
-    # Batch 32: I-JEPA has no batch statistics, so a small batch costs little and buys steps.
-    # min_ink 0.15 (inkier crops): with 0.05 the loss sat at the predict-the-mean-target level
-    # (0.95 of it over steps 400-520, predictions nearly constant); with 0.15 it was 0.83 of it
-    # there and 0.65 over the last 200 steps. The probe of that run did NOT beat random init
-    # (13.8 vs 14.6 best-block mIoU, measured 2026-11-23): see the README.
+    # 2-core CPU, <= 20 min (results/probe_tiny_ijepa.md):
+    # - img_size 128 (8 x 8 patches): ~4x the steps of 224 px, and step count is what decides at this budget.
+    # - rope_rescale 2 (spacings 2/16 .. 2/4): the probe's 224 px grid spaces RoPE coordinates in (-1, 1)
+    #   2/14 apart, not 2/8, so the context encoder trains over that spacing too.
+    # - batch_size 32: I-JEPA has no batch statistics, so a small batch costs little and buys steps.
+    # - min_ink 0.15 (inkier crops): with 0.05 the loss sat at the predict-the-mean-target level with
+    #   nearly constant predictions; with 0.15 it ended at 0.65 of it.
+    # Outcome: the probe does NOT beat random init (13.8 vs 14.6 best-block mIoU): the target encoder
+    # collapses towards low rank (results/LOG.md has the tries that did not fix it).
     "tiny": dict(arch="vit_tiny", img_size=128, rope_rescale=2.0, batch_size=32, steps=1800, warmup_steps=100,
                  pred_dim=96, pred_depth=4, pred_heads=3, min_ink=0.15, num_workers=1, log_every=20,
                  ckpt_every=300),
@@ -146,9 +148,19 @@ def sample_masks(batch: int, grid: tuple[int, int], gen: torch.Generator, *, n_t
     Block sizes are drawn once per batch, positions per image. Returns
       context_idx (B, n_ctx): row-major patch indices of the context, the same count for every
                   image (the batch minimum, a random subset of each image's context);
-      target_idx  (B, n_targets, h*w): row-major indices of each target block."""
+      target_idx  (B, n_targets, h*w): row-major indices of each target block.
+    Every image's context keeps more than min_keep patches (official), relaxing as needed:
+      1. the first of `tries` random context-block positions, minus all targets;
+      2. else the whole grid minus all targets (context and targets still disjoint);
+      3. else, as the official collator relaxes: for k = 1 .. n_targets, `tries` fresh positions
+         minus only the first n_targets - k targets (the context may then overlap the others);
+      4. else (the context block itself holds <= min_keep patches) the whole grid.
+    Only a grid of <= min_keep patches raises. Draws for step 3 are taken only when some image
+    needs them, so batches that never relax consume the generator as before."""
     H, W = grid
     N = H * W
+    if N <= min_keep:
+        raise ValueError(f"a {H}x{W} grid cannot keep more than min_keep={min_keep} context patches")
     th, tw = block_size(gen, target_scale, target_aspect, grid)
     ch, cw = block_size(gen, context_scale, (1.0, 1.0), grid)
     # top-left corners uniform over every position where the block fits (inclusive bound)
@@ -156,24 +168,27 @@ def sample_masks(batch: int, grid: tuple[int, int], gen: torch.Generator, *, n_t
     left = torch.randint(0, W - tw + 1, (batch, n_targets, 1, 1), generator=gen)
     rows, cols = torch.arange(th).view(th, 1), torch.arange(tw).view(1, tw)
     target_idx = ((top + rows) * W + left + cols).flatten(2)  # (B, M, th*tw)
-    in_target = torch.zeros(batch, N, dtype=torch.bool)
-    in_target.scatter_(1, target_idx.flatten(1), True)
-
-    # context: the first of `tries` random positions that keeps min_keep patches once the
-    # targets are removed; failing all, the whole grid minus the targets
-    ctop = torch.randint(0, H - ch + 1, (batch, tries, 1), generator=gen)
-    cleft = torch.randint(0, W - cw + 1, (batch, tries, 1), generator=gen)
+    each_target = torch.zeros(batch, n_targets, N, dtype=torch.bool).scatter_(2, target_idx, True)  # (B, M, N)
+    in_first = each_target.cumsum(1) > 0  # (B, M, N): in_first[:, j] = in one of targets 0 .. j
+    in_target = in_first[:, -1]  # (B, N)
     r, c = torch.arange(H), torch.arange(W)
-    in_rows = (r >= ctop) & (r < ctop + ch)  # (B, tries, H)
-    in_cols = (c >= cleft) & (c < cleft + cw)  # (B, tries, W)
-    candidates = (in_rows[..., :, None] & in_cols[..., None, :]).flatten(2) & ~in_target[:, None]  # (B, tries, N)
-    valid = candidates.sum(-1) >= min_keep  # (B, tries)
-    chosen = candidates[torch.arange(batch), valid.int().argmax(1)]  # (B, N) first valid try
-    context = torch.where(valid.any(1, keepdim=True), chosen, ~in_target)
+
+    def context_blocks() -> torch.Tensor:  # (B, tries, N): `tries` random positions of the context block
+        ctop = torch.randint(0, H - ch + 1, (batch, tries, 1), generator=gen)
+        cleft = torch.randint(0, W - cw + 1, (batch, tries, 1), generator=gen)
+        in_rows = (r >= ctop) & (r < ctop + ch)  # (B, tries, H)
+        in_cols = (c >= cleft) & (c < cleft + cw)  # (B, tries, W)
+        return (in_rows[..., :, None] & in_cols[..., None, :]).flatten(2)
+
+    # candidate contexts in order of preference; each image takes the first that keeps > min_keep
+    candidates = torch.cat([context_blocks() & ~in_target[:, None], ~in_target[:, None]], 1)  # steps 1, 2
+    if not (candidates.sum(-1) > min_keep).any(1).all():
+        excluded = [in_first[:, n_targets - k - 1] for k in range(1, n_targets)] + [torch.zeros_like(in_target)]
+        relaxed = [context_blocks() & ~out[:, None] for out in excluded]  # step 3, k = 1 .. n_targets
+        candidates = torch.cat([candidates, *relaxed, torch.ones(batch, 1, N, dtype=torch.bool)], 1)  # step 4
+    valid = candidates.sum(-1) > min_keep  # (B, n_candidates), the last always valid when step 4 was added
+    context = candidates[torch.arange(batch), valid.int().argmax(1)]  # (B, N) first valid candidate
     n_ctx = int(context.sum(1).min())
-    if n_ctx < min_keep:
-        raise ValueError(f"a {H}x{W} grid leaves {n_ctx} < min_keep={min_keep} context patches; "
-                         "use smaller or fewer target blocks")
     noise = torch.rand(batch, N, generator=gen).masked_fill(~context, 2.0)  # non-context sorts last
     context_idx = noise.argsort(1)[:, :n_ctx].sort(1).values  # (B, n_ctx)
     return context_idx, target_idx

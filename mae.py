@@ -7,7 +7,9 @@ fills the grid with a shared mask token and regresses the pixels of the removed 
 normalised per patch (norm_pix_loss). The encoder is the backbone that gets evaluated.
 
 Commands:
-  CPU, tiny (about 12 min on 2 cores):  python mae.py --preset tiny
+  CPU, tiny (~0.8-1 s/step on an idle 2-core x86 CPU; with the probe, the quickstart's main job,
+  about 22 min; results/probe_tiny_mae.md):
+                                        python mae.py --preset tiny
   one GPU, ViT-S:                       torchrun --standalone --nproc_per_node=1 mae.py --preset small --data DIR
   8 GPUs, ViT-B:                        torchrun --standalone --nproc_per_node=8 mae.py --preset base --data DIR
   many nodes:  torchrun --nnodes 4 --node_rank $i --master_addr $HOST --master_port 29500 \
@@ -28,14 +30,15 @@ Deviations from the paper (and why):
   carry no signal).
 - Optional `--loss_on ink`: the loss over masked patches that contain ink only (the obvious
   remedy to whitespace-dominated loss); off (`all`) by default, as in the paper.
-- Tiny preset (2-core CPU, ~12 min, 1,200 steps): 128 px crops instead of 224 (the encoder then sees 16
+- Tiny preset (2-core CPU, 1,200 steps): 128 px crops instead of 224 (the encoder then sees 16
   visible tokens: ~2.5x more steps in the budget, and step count is what decides at this
   scale), with RoPE coordinate-rescale jitter r = 2 on the encoder so the 8x8 training grid
   also sees the coordinate spacing of the 14x14 probe grid; ViT-Ti; decoder 2 x 128;
   batch 64; lr 1.5e-3 (blr 6e-3) with 60 warmup steps; crops with >= 5% ink. The paper's
-  loss is kept (norm_pix_loss, 75% masking, loss on all masked patches). Measured (see the
-  README): the loss is 5% below the predict-the-patch-mean level from step 180 and ends 35%
-  below it; the probe's best block beats random init by 2.8 mIoU (4.0 with --steps 1500).
+  loss is kept (norm_pix_loss, 75% masking, loss on all masked patches). Measured
+  (results/probe_tiny_mae.md): the loss is 5% below the predict-the-patch-mean level from
+  step 180 and ends 35% below it; the probe's best block beats random init by 2.8 mIoU (4.0
+  with --steps 1500).
   These knobs were chosen once from the small-scale notes, not ablated one by one.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ that step, so teacher and student see the same pixels). Teachers are frozen, in 
 under no_grad and bf16 autocast on GPU.
 
 Commands:
-  CPU, tiny (distils the MAE tiny run and DINOv3 continued from it; 1,205 ms/step on 2 idle cores, ~16 min):
+  CPU, tiny (distils the MAE tiny run and DINOv3 continued from it; ~1.2 s/step on 2 cores, ~16 min):
       python mae.py --preset tiny
       python dinov3_gram.py --preset tiny --init runs/mae/backbone.safetensors --steps 600 --gram_start 100 \
           --gram_max_refreshes 0 --out_dir runs/dinov3_gram_init_mae
@@ -73,8 +73,9 @@ Deviations from the papers (and why):
 - Not implemented: FeatSharp upsampling of low-resolution teachers.
 - Optimiser: AdamW with cosine decay and gradient clipping; the papers' exact schedules are for
   hundreds of thousands of steps at batch 1024 and were not copied (small/base are our scaling).
-- Tiny preset: adaptors are one Linear each instead of RADIO's 2-layer MLP (measured: with MLP
-  adaptors the student probed +1.7 over random init, with linear ones +2.6, at its last block);
+- Tiny preset: adaptors are one Linear each instead of RADIO's 2-layer MLP (measured at the
+  student's last block: +1.1 over random init with MLP adaptors, +2.6 with linear ones;
+  results/probe_tiny_radio.md);
   teachers are the project's own tiny runs whose last blocks probe well. See PRESETS["tiny"].
 """
 from __future__ import annotations
@@ -130,19 +131,18 @@ class RADIOConfig(common.TrainConfig):
 
 
 PRESETS = {
-    # 2-core CPU: the MAE lessons (128-ish px student crops, RoPE jitter 2 so small grids also see
-    # the 14 x 14 probe grid's spacing, high lr with a short warmup, inky crops, ViT-Ti). With two
-    # ViT-Ti teachers a step takes 1,205 ms on 2 idle cores (scripts/bench.py): 800 steps ~16 min.
-    # Measured 2026-11-23 (probe: 224 px tiles, random init of the student 14.5 +- 0.1), 800 steps each:
-    # - teachers MAE + CAPI (then 64 px), MLP adaptors (hidden 384): spatial losses 0.10 / 0.12 of
-    #   their trivial level, student 15.6 best-block mIoU (block 1; last block 13.7), teachers 17.5 /
-    #   16.3 (CAPI's last block, the one distilled, probed 13.6). The same with the probe's 224 px in
-    #   the high set (192, 224; 650 steps for the same time): 14.4, so (160, 192) stays.
-    # - teachers MAE + DINOv3 continued from MAE (18.4; both teachers' last blocks probe well: RADIO's
-    #   "teachers that work on your domain"), MLP adaptors: 16.2 (block 0; last block 15.6).
-    # - the same teachers, one Linear per adaptor (adaptor_hidden 0): 17.1 at the last block (+2.6).
-    #   In 800 steps the MLP adaptors absorb the teacher mapping (spatial MSE ~0.08 of trivial) while
-    #   the student's own tokens stay weak; a linear adaptor makes the student's tokens carry it.
+    # 2-core CPU, ~16 min (~1.2 s/step with two ViT-Ti teachers; results/bench_tiny.md). The MAE lessons:
+    # 128-ish px student crops, RoPE jitter 2 so small grids also see the 14 x 14 probe grid's spacing, high
+    # lr with a short warmup, inky crops, ViT-Ti. Probe against random init of the student, 14.5
+    # (results/probe_tiny_radio.md):
+    # - teachers MAE + DINOv3 continued from MAE: both last blocks probe well (17.3, 18.4; RADIO's "teachers
+    #   that work on your domain"); with MAE + CAPI, whose distilled last block probed 13.6, the student
+    #   (MLP adaptors) reached 15.6 at its best block, 13.7 at its last (results/probe_tiny_radio_mae_capi.md).
+    # - adaptor_hidden 0 (one Linear per adaptor): 17.1 at the last block (+2.6), against 15.6 with RADIO's
+    #   MLP (hidden 384): in 800 steps the MLPs absorb the teacher mapping (spatial MSE ~0.08 of trivial)
+    #   and the student's own tokens stay weak; a linear adaptor makes the student's tokens carry it.
+    # - high_res (160, 192): with the probe's 224 px in the high set (192, 224; 650 steps in the same time)
+    #   the student of MAE + CAPI probed 14.4 instead of 15.6 (results/probe_tiny_radio_highres_224.md).
     # The teachers come from `python mae.py --preset tiny` and `python dinov3_gram.py --preset tiny
     # --init runs/mae/backbone.safetensors --steps 600 --gram_start 100 --gram_max_refreshes 0
     # --out_dir runs/dinov3_gram_init_mae`.
@@ -551,7 +551,7 @@ def fit_phis(teachers: list[Teacher], batches, cfg: RADIOConfig, rank: int, devi
 
 def load_or_fit_phis(teachers, sheets, view, cfg, run) -> None:
     """Cached per teacher in the run dir; computed once (on every rank), written by rank 0."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     paths = [run.out_dir / f"phis_{t.name}.safetensors" for t in teachers]
     if all(p.is_file() for p in paths):
         for t, p in zip(teachers, paths):
@@ -568,8 +568,8 @@ def load_or_fit_phis(teachers, sheets, view, cfg, run) -> None:
                       f"summary dispersion {float(phis.summary_dispersion):.4g}")
     if run.dist.is_main:
         for t, p in zip(teachers, paths):
-            save_file({k: v.cpu().contiguous() for k, v in t.phis.state_dict().items()}, str(p),
-                      metadata={"teacher": t.name, "res": str(t.res)})
+            common.save_safetensors({k: v.cpu().contiguous() for k, v in t.phis.state_dict().items()}, p,
+                                    metadata={"teacher": t.name, "res": str(t.res)})
     common.barrier()
 
 

@@ -65,22 +65,28 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
+def device_peak_tflops(device_name: str) -> float:
+    """The dense bf16 peak of a device from its name (0 when the table does not know it)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), 0.0)
+
+
 def peak_tflops(a, dev: torch.device) -> float:
     if a.peak_tflops or dev.type != "cuda":
         return a.peak_tflops
-    name = torch.cuda.get_device_name(dev)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    return device_peak_tflops(torch.cuda.get_device_name(dev))
 
 
 def bench_backbone(a):
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    common.set_amp(getattr(a, "amp", "auto"))
     model = common.vit(a.arch).to(dev).train()
     opt = common.adamw(common.param_groups(model), lr=1e-4, device=dev)
     x = torch.randn(a.batch, 3, a.img, a.img, device=dev)
+    fwd = torch.compile(model) if getattr(a, "compile", False) else model  # FLOPs are counted on the eager model
 
     def step():
         with common.autocast(dev):
-            loss = model(x)["patches"].float().pow(2).mean()
+            loss = fwd(x)["patches"].float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,6 +97,13 @@ def bench_backbone(a):
         loss.backward()
     flops = fc.get_total_flops()
     opt.zero_grad(set_to_none=True)
+    compile_s = 0.0
+    if getattr(a, "compile", False):  # the first step compiles: timed apart
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
     for _ in range(a.warmup):
         step()
     if dev.type == "cuda":
@@ -103,6 +116,7 @@ def bench_backbone(a):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / a.steps
     rec = dict(what="backbone", arch=a.arch, img=a.img, batch=a.batch, device=str(dev),
+               compile=bool(getattr(a, "compile", False)), compile_s=compile_s,
                threads=torch.get_num_threads(), ms_per_step=1000 * dt, img_per_s=a.batch / dt,
                gflops_per_step=flops / 1e9, tflops_per_s=flops / dt / 1e12, peak_mem_gb=common.peak_memory_gb(dev))
     if peak_tflops(a, dev):
@@ -191,6 +205,8 @@ def main():
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--device", default="")
+    b.add_argument("--compile", type=common._parse_bool, default=False, help="torch.compile the model")
+    b.add_argument("--amp", default="auto", help="auto (bf16 on CUDA) | bf16 | off")
     r = sub.add_parser("recipe")
     r.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or all")
     r.add_argument("--preset", default="tiny")

@@ -11,14 +11,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from common import CLASSES, SHEET_TYPES, SyntheticSheets, TileDataset, random_crop  # noqa: E402
+from common import CLASSES, IGNORE, IGNORE_COLOUR, PALETTE, SHEET_TYPES, TileDataset, random_crop  # noqa: E402
+from sheetgen import SyntheticSheets  # noqa: E402
 
-PALETTE = np.array([(255, 255, 255), (200, 40, 40), (40, 160, 60), (40, 110, 230), (240, 150, 20),
-                    (150, 70, 200), (20, 180, 180), (230, 200, 0), (140, 140, 140)], np.uint8)
+LUT = np.zeros((256, 3), np.uint8)
+LUT[:len(PALETTE)], LUT[IGNORE] = PALETTE, IGNORE_COLOUR
 
 
 def colour(label):
-    return Image.fromarray(PALETTE[label])
+    return Image.fromarray(LUT[label])
 
 
 def thumb(im, h, resample):
@@ -61,7 +62,7 @@ def main():
     d = ImageDraw.Draw(sheet)
     x = gap
     for k, name in enumerate(CLASSES):
-        d.rectangle((x, 10, x + 22, 32), fill=tuple(int(v) for v in PALETTE[k]), outline=(0, 0, 0))
+        d.rectangle((x, 10, x + 22, 32), fill=PALETTE[k], outline=(0, 0, 0))
         d.text((x + 28, 12), name, fill=(0, 0, 0), font=font)
         x += 40 + int(font.getlength(name))
     y = legend_h

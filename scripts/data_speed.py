@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import SyntheticSheets, TileDataset, random_crop  # noqa: E402
+from common import TileDataset, random_crop  # noqa: E402
+from sheetgen import SyntheticSheets  # noqa: E402
 
 
 def main():

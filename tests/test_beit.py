@@ -89,6 +89,15 @@ def test_block_masks_hit_the_exact_count_in_blocks(grid, n_masked):
     assert in_blocks / 100 > 0.7  # most masked patches lie in blocks, the rest is the exact-count top-up
 
 
+def test_masked_count_is_the_official_75_of_196_and_the_tiny_preset_keeps_14_of_36():
+    # the recipe masks int(N * mask_ratio) patches; the official scripts mask 75 of 14 x 14
+    for preset in ("small", "base"):
+        cfg = beit.BEiTConfig(**beit.PRESETS[preset])
+        assert (cfg.img_size // 16) ** 2 == 196 and int(196 * cfg.mask_ratio) == 75
+    tiny = beit.BEiTConfig(**beit.PRESETS["tiny"])
+    assert (tiny.img_size // 16) ** 2 == 36 and int(36 * tiny.mask_ratio) == 14
+
+
 class CountingRandom(random.Random):
     """Counts the patches the exact-count top-up draws (the only rng.sample call of block_mask)."""
     topped = 0

@@ -82,6 +82,22 @@ def test_dino_loss_local_pairs_weighted():
         assert dinov3_gram.dino_loss(s, t, student_temp=1.0, local_weight=w).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_koleo_duplicate_rows_put_eps_inside_the_distance():
+    # the ibot_dino test's rows: a = (1, 0) twice and c = (0, 1); d = ||x - y + eps||, loss -log(d + eps)
+    eps = 1e-8
+    d_dup, d_c = math.sqrt(2) * eps, math.sqrt((eps - 1) ** 2 + (1 + eps) ** 2)
+    expected = -(2 * math.log(d_dup + eps) + math.log(d_c + eps)) / 3
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert dinov3_gram.koleo_loss(x).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_teacher_temperature_reaches_its_final_value_at_warmup_like_dinov3():
+    # DINOv3: np.linspace(0.04, 0.07, 3, endpoint=False) = (0.04, 0.05, 0.06), then 0.07 from step 3
+    cfg = dinov3_gram.DINOConfig(teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=3)
+    temps = [dinov3_gram.teacher_temperature(s, cfg) for s in range(5)]
+    assert temps == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07], abs=1e-12)
+
+
 def test_separate_heads_with_plain_linear_prototypes():
     bb = common.ViT(embed_dim=32, depth=1, num_heads=2, n_registers=1)
     cfg = dinov3_gram.DINOConfig(n_prototypes=16, head_hidden=24, head_bottleneck=8)

@@ -88,6 +88,31 @@ def test_koleo_three_points_and_tiny_batch_guard():
     guarded.backward()  # stays in the graph, so DDP still sees the parameters used
 
 
+def test_koleo_duplicate_rows_put_eps_inside_the_distance():
+    # a = (1, 0) twice and c = (0, 1); neighbours a0->a1, a1->a0, c->a (either copy). The official
+    # distance is ||x - y + eps|| (eps added to every coordinate), then -log(d + eps):
+    # duplicates: d = ||(eps, eps)|| = sqrt(2) eps; c: d = ||(-1 + eps, 1 + eps)|| = sqrt(2 + 2 eps^2)
+    eps = 1e-8
+    d_dup, d_c = math.sqrt(2) * eps, math.sqrt((eps - 1) ** 2 + (1 + eps) ** 2)
+    expected = -(2 * math.log(d_dup + eps) + math.log(d_c + eps)) / 3  # 11.5773...
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert ibot_dino.koleo_loss(x).item() == pytest.approx(expected, rel=1e-6)
+    # ||x - y|| + eps would give -(2 ln(eps) + ln(sqrt 2)) / 3 = 12.1 instead
+    assert abs(ibot_dino.koleo_loss(x).item() - (-(2 * math.log(eps) + math.log(math.sqrt(2))) / 3)) > 0.5
+
+
+def test_teacher_temperature_reaches_its_final_value_like_linspace():
+    # np.linspace(0.04, 0.07, 3) = (0.04, 0.055, 0.07): the final value at step warmup - 1 = 2
+    cfg = ibot_dino.DINOConfig(teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=3)
+    temps = [ibot_dino.teacher_temperature(s, cfg) for s in range(5)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07], abs=1e-12)
+    # linspace(a, b, 1) = (a,): one warmup step at the start value; no warmup: the final value
+    one = ibot_dino.DINOConfig(teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=1)
+    assert [ibot_dino.teacher_temperature(s, one) for s in range(2)] == [0.04, 0.07]
+    none = ibot_dino.DINOConfig(teacher_temp_start=0.04, teacher_temp=0.07, teacher_temp_warmup_steps=0)
+    assert ibot_dino.teacher_temperature(0, none) == 0.07
+
+
 def test_ibot_loss_uses_masked_positions_only():
     masks = torch.tensor([[True, False, False, True], [False, False, False, False], [False, True, False, False]])
     index, weight = ibot_dino.masked_tokens(masks)
@@ -222,11 +247,11 @@ def test_resume_reproduces_losses_and_centers(tmp_path):
     a, b = metrics(tmp_path / "ref"), metrics(run_dir)
     assert sorted(b) == list(range(1, 11))
     for s in range(1, 11):
-        for k in ("loss", "dino", "ibot", "teacher_entropy"):
+        for k in ("loss", "dino", "ibot", "teacher_entropy", "cls_patch_cos"):  # the cosine: measured at step 0 only
             assert b[s][k] == pytest.approx(a[s][k], rel=1e-5, abs=1e-6), (s, k)
     sa = torch.load(common.latest_checkpoint(tmp_path / "ref") / "state.pt", weights_only=True)["extra"]
     sb = torch.load(common.latest_checkpoint(run_dir) / "state.pt", weights_only=True)["extra"]
-    assert set(sa) == {"dino_center", "ibot_center"}
+    assert set(sa) == {"dino_center", "ibot_center", "cls_patch_cos"}
     for k in sa:
         assert torch.allclose(sa[k], sb[k], atol=1e-6), k
 

@@ -88,8 +88,47 @@ def test_context_falls_back_to_the_complement_of_the_targets():
     context_idx, target_idx = ijepa.sample_masks(1, (6, 6), gen, context_scale=(0.1, 0.1), min_keep=5)
     complement = set(range(36)) - set(target_idx.flatten().tolist())
     assert set(context_idx[0].tolist()) == complement
-    with pytest.raises(ValueError, match="min_keep"):
+    with pytest.raises(ValueError, match="min_keep"):  # no context of a 16-patch grid has more than 16
         ijepa.sample_masks(1, (4, 4), gen, min_keep=16)
+
+
+def test_context_relaxes_like_the_official_collator_instead_of_raising():
+    # 4 x 4 grid, 2 targets of area 8 and aspect 1/2: height round(sqrt(4)) = 2, width 8 / 2 = 4,
+    # full-width 2-row blocks at top row 0, 1 or 2; the context block (scale 1) is the whole grid.
+    # min_keep 5 needs > 5 patches: minus both targets leaves 8 (same rows), 4 (rows overlapping
+    # by one) or 0 (rows 0-1 and 2-3), and the grid minus the targets is the same set, so steps
+    # 1 and 2 fail unless the targets coincide; step 3 (k = 1) excludes target 0 only: 8 patches.
+    # Either way the context is the grid minus target 0. (The old sampler raised here.)
+    kw = dict(n_targets=2, target_scale=(0.5, 0.5), target_aspect=(0.5, 0.5), context_scale=(1.0, 1.0),
+              min_keep=5)
+    relaxed = 0
+    for i in range(20):
+        context_idx, target_idx = ijepa.sample_masks(1, (4, 4), common.step_generator(0, i), **kw)
+        t0, t1 = target_idx[0].tolist()
+        assert len(t0) == 8 and t0 == list(range(t0[0], t0[0] + 8)) and t0[0] in (0, 4, 8)
+        assert context_idx[0].tolist() == sorted(set(range(16)) - set(t0))
+        relaxed += t0 != t1  # the context overlaps target 1
+        assert not set(context_idx[0].tolist()) & set(t0)
+    assert relaxed > 0
+    # a batch: every image keeps the grid minus its target 0, so the batch minimum is 8 > min_keep
+    context_idx, target_idx = ijepa.sample_masks(6, (4, 4), common.step_generator(0, 99), **kw)
+    assert context_idx.shape == (6, 8)
+    for b in range(6):
+        assert context_idx[b].tolist() == sorted(set(range(16)) - set(target_idx[b, 0].tolist()))
+
+
+def test_official_class_defaults_never_raise_and_keep_more_than_min_keep():
+    # the official MaskCollator's defaults: 2 targets of scale (0.2, 0.8), aspect (0.3, 3),
+    # context scale (0.2, 0.8), min_keep 4: targets often leave too little context, which raised before
+    kw = dict(n_targets=2, target_scale=(0.2, 0.8), target_aspect=(0.3, 3.0), context_scale=(0.2, 0.8), min_keep=4)
+    overlapping = 0
+    for context_idx, target_idx in draws((14, 14), n_batches=100, **kw):
+        assert context_idx.shape[1] > 4
+        for b in range(context_idx.shape[0]):
+            ctx = set(context_idx[b].tolist())
+            assert len(ctx) == context_idx.shape[1]  # unique indices
+            overlapping += bool(ctx & set(target_idx[b].flatten().tolist()))
+    assert overlapping > 0  # the relaxed steps were taken
 
 
 def test_masks_reproduce_from_the_step_generator():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import common
 
@@ -206,3 +207,96 @@ def test_signal_to_the_whole_process_group_still_checkpoints(tmp_path):
     assert rc == 0, log.read_text()[-2000:]
     stopped_at = int(common.latest_checkpoint(run_dir).name.split("_")[1])
     assert 2 <= stopped_at < 200
+
+
+@dataclasses.dataclass
+class Ratios(common.TrainConfig):
+    lr: float = 1e-3  # peak learning rate
+    mask_ratio: float = 0.75  # masked share
+    span_ratio: tuple = (0.1, 0.5)  # range of a masked share
+    high_fraction: float = 0.5  # share at high resolution
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--steps", "-5"], "--steps"), (["--steps", "0"], "--steps"), (["--batch_size", "0"], "--batch_size"),
+    (["--log_every", "0"], "--log_every"), (["--ckpt_every", "-1"], "--ckpt_every"),
+    (["--num_workers", "-1"], "--num_workers"), (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--mask_ratio", "1"], "--mask_ratio"), (["--span_ratio", "0.2,1.5"], "--span_ratio"),
+    (["--high_fraction", "1.1"], "--high_fraction"), (["--arch", "vit_huge"], "--arch")])
+def test_impossible_values_are_refused_in_one_line_naming_the_flag(tmp_path, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(Ratios, {"tiny": {}}, "rec", ["--out_dir", str(tmp_path / "run")] + argv)
+    msg = str(e.value.code)
+    assert msg.count("\n") == 0 and f"error: {flag} " in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_edge_values_that_work_are_accepted(tmp_path):
+    cfg = common.parse_config(Ratios, {"tiny": {}}, "rec", ["--lr", "0", "--mask_ratio", "0", "--num_workers", "0",
+                                                             "--high_fraction", "1", "--steps", "1"])
+    assert cfg.lr == 0 and cfg.mask_ratio == 0 and cfg.high_fraction == 1
+
+
+def test_unreadable_data_is_refused_before_anything_is_created(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a sheet")
+    (tmp_path / "no_sheets").mkdir()
+    (tmp_path / "no_sheets" / "readme.md").write_text("")
+    for data, why in [(tmp_path / "missing", "no such file or folder"), (tmp_path / "notes.txt", "not a sheet file"),
+                      (tmp_path / "no_sheets", "no sheet files")]:
+        with pytest.raises(SystemExit) as e:
+            common.parse_config(Ratios, {"tiny": {}}, "rec", ["--data", str(data), "--out_dir", str(tmp_path / "o")])
+        assert f"--data {data}: {why}" in str(e.value.code)
+    # a folder with a sheet somewhere below, or one sheet file, are fine
+    (tmp_path / "sheets" / "a").mkdir(parents=True)
+    sheet = tmp_path / "sheets" / "a" / "s.png"
+    Image.new("L", (64, 48), 255).save(sheet)
+    for data in (tmp_path / "sheets", sheet):
+        assert common.parse_config(Ratios, {"tiny": {}}, "rec", ["--data", str(data)]).data == str(data)
+    one = common.FolderSheets(sheet)
+    assert len(one) == 1 and one.get_sheet(0)["name"] == "s.png"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, flag", [(["--steps", "-5"], "--steps"), (["--data", "/nonexistent"], "--data")])
+def test_recipe_command_line_refuses_bad_flags_without_traceback_or_run_dir(tmp_path, args, flag):
+    from cli import run_recipe
+    out = tmp_path / "run"
+    res = run_recipe("mae.py", args + ["--out_dir", str(out)], check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mae.py: error: {flag} "), res.stderr
+    assert not out.exists()
+
+
+def test_help_shows_each_presets_value_and_out_dir_once(capsys):
+    import mae
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(mae.MAEConfig, mae.PRESETS, "mae", ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0
+    assert "(by preset: tiny 1200, small 100000, base 100000)" in out  # --steps
+    assert "(by preset: tiny 128, small 224, base 224)" in out  # --img_size
+    assert "run directory (default runs/mae)" in out and out.count("default runs/") == 1
+    assert "fraction of patches removed from the encoder's input (default 0.75)" in out
+
+
+def test_exported_files_are_world_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        m = common.ViT(embed_dim=16, depth=1, num_heads=2, n_registers=1)
+        common.save_backbone(m, tmp_path / "backbone.safetensors")
+        common.save_checkpoint(tmp_path, 1, {"student": m}, {})
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "backbone.safetensors", tmp_path / "checkpoint" / "step_0000001" / "weights.safetensors",
+              tmp_path / "checkpoint" / "step_0000001" / "state.pt"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_log_lines_carry_an_eta_and_no_progress_bar_in_a_log_file(tmp_path):
+    res = run_toy(["--out_dir", str(tmp_path), "--steps", "4"])  # stdout, stderr are pipes, not a terminal
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4 and all(" | eta " in line for line in lines) and lines[-1].endswith("| eta 0s")
+    assert "\r" not in res.stderr + res.stdout
+    assert common.duration(5.4) == "5s" and common.duration(725) == "12m05s" and common.duration(11220) == "3h07m"

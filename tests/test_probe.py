@@ -1,6 +1,7 @@
 """The frozen probe: metrics by hand, probes that must succeed or fail, bad inputs, the CLI."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 import eval_probe as ep
+from conftest import ROOT
 
 C = 4  # classes of the toy problems
 P = 16  # patch size
@@ -221,3 +223,38 @@ def test_examples_zero_writes_results_and_no_examples_png(tmp_path):
              "--random_seeds", "0", "--out_dir", str(out), "--examples", "0"])
     assert json.loads((out / "random-vit_tiny" / "results.json").read_text())["dense"]["best_miou"] > 0
     assert not (out / "random-vit_tiny" / "examples.png").exists()
+
+
+def test_a_runs_backbone_is_named_after_its_run_and_outputs_are_listed(tmp_path, capsys):
+    """The quickstart's probe: the row is named after the run dir, the diagnostic columns are
+    explained under the table, the output paths are printed, and a log file gets no progress bars."""
+    from common import ViT, save_backbone
+    torch.manual_seed(0)
+    (tmp_path / "my_run").mkdir()
+    save_backbone(ViT(embed_dim=32, depth=2, num_heads=2, n_registers=1), tmp_path / "my_run" / "backbone.safetensors")
+    assert ep.ckpt_name("runs/mae/backbone.safetensors", set()) == "mae"
+    assert ep.ckpt_name("dinov3_vits16_pretrain.pth", set()) == "dinov3_vits16_pretrain"
+    out = tmp_path / "out"
+    ep.main(["--ckpt", str(tmp_path / "my_run" / "backbone.safetensors"), "--n_train", "8", "--n_val", "8",
+             "--tile", "64", "--layers", "last", "--random_seeds", "0", "--out_dir", str(out), "--examples", "1"])
+    md = (out / "probe.md").read_text()
+    assert "| my_run |" in md and "backbone" not in md.split("\n")[2]
+    for column in ("high-norm %", "cos(CLS, patch)", "eff. rank"):
+        assert sum(line.startswith(f"- {column}: ") for line in md.splitlines()) == 1, column
+    printed = capsys.readouterr()
+    for f in (out / "probe.md", out / "probe_curve.png", out / "my_run" / "results.json"):
+        assert f.is_file() and str(f) in printed.out, f
+    assert "examples.png" in printed.out.split(str(out / "my_run" / "results.json"))[1].splitlines()[0]
+    assert "\r" not in printed.err  # captured stderr is not a terminal: no tqdm bars
+
+
+def test_one_palette_for_every_label_picture():
+    import common
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import contact_sheet
+    assert ep.PALETTE is common.PALETTE and contact_sheet.PALETTE is common.PALETTE
+    labels = np.array([[0, 1, 2], [8, 255, 1]], np.uint8)
+    colour = {**dict(enumerate(common.PALETTE)), 255: common.IGNORE_COLOUR}
+    want = np.array([[colour[k] for k in row] for row in labels], np.uint8)
+    assert np.array_equal(np.asarray(ep.colour_labels(torch.from_numpy(labels))), want)
+    assert np.array_equal(np.asarray(contact_sheet.colour(labels)), want)

@@ -18,7 +18,7 @@ class ToyConfig(common.TrainConfig):
     nan_at: int = -1  # make the loss NaN from this step on (tests the NaN guard)
 
 
-PRESETS = {"tiny": dict(steps=8, batch_size=4, log_every=1, ckpt_every=100, arch="toy")}
+PRESETS = {"tiny": dict(steps=8, batch_size=4, log_every=1, ckpt_every=100)}
 
 
 def global_batch(step, n):
