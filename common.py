@@ -11,8 +11,8 @@ Sections, in order:
   6. Checkpoints: atomic save, exact resume, backbone export, SIGTERM handling
   7. Logging: console line + tqdm + metrics.jsonl
   8. Sheet data: the data contract (classes, sheet types, ink), real corpus loader, views,
-     datasets and loaders, labeled probe sets. The synthetic sheet generator lives in
-     sheetgen.py, imported only when `--data synthetic` asks for it.
+     datasets and loaders. The synthetic sheet generator lives in sheetgen.py, imported only
+     when `--data synthetic` asks for it; labeled probe folders are read by eval_probe.py.
 """
 from __future__ import annotations
 
@@ -308,11 +308,6 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     B, C, H, W = img.shape
     x = img.reshape(B, C, H // p, p, W // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x: torch.Tensor, p: int, h: int, w: int, C: int) -> torch.Tensor:
-    B = x.shape[0]
-    return x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1080,7 +1075,10 @@ class Run:
                 line += f" | {k} {v:.4g}"
         line += f" | eta {duration(ms * (self.cfg.steps - done) / 1000)}"  # at the last interval's pace
         bar = self._progress()
-        (bar.write if bar is not None and not bar.disable else print)(line)
+        if bar is not None and not bar.disable:
+            bar.write(line)
+        else:  # a log file: each line as it comes
+            print(line, flush=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(vals) + "\n")
 
@@ -1111,21 +1109,7 @@ class Run:
 
 SHEET_TYPES = ("plan", "section", "detail", "schedule")
 CLASSES = ("background", "wall", "door", "window", "stair", "fixture", "dimension", "text", "annotation")
-# Labels are FOOTPRINTS, not ink, so that the majority label of a 16 px patch means something:
-#   wall       cut walls and columns incl. their poche/hatch; cut slabs and roofs in sections,
-#              facade outlines in elevations; cut construction layers in details.
-#   door       plan: wall opening + leaf + swing area; door elevations; door frames in details.
-#   window     plan: the window's stretch of wall; window elevations; frame profiles in details.
-#   stair      the whole flight: treads, outline, direction arrow, handrail in section.
-#   fixture    bounding box of sanitary fixtures, kitchen counters and furniture.
-#   dimension  the strip of a dimension string (line, ticks, numbers), its extension lines,
-#              level marks.
-#   text       box of every free text: room names, areas, notes, titles, title-block and table
-#              entries.
-#   annotation everything else that is drawn: grid lines and bubbles, section/detail callouts,
-#              leaders, north arrow, hatches outside walls (terraces, earth), overhang and
-#              break lines, the border, title-block and table rules.
-# Later elements overwrite earlier labels, so draw order is label priority.
+# Labels are footprints, not ink (what each class covers: sheetgen.py); later drawing overwrites.
 BG, WALL, DOOR, WINDOW, STAIR, FIXTURE, DIM, TEXT, ANNO = range(len(CLASSES))
 IGNORE = 255
 # RGB of each class in every picture of labels (contact sheet, probe examples); IGNORE is light gray.
@@ -1133,12 +1117,6 @@ PALETTE = ((255, 255, 255), (200, 40, 40), (40, 160, 60), (40, 110, 230), (240, 
            (150, 70, 200), (20, 180, 180), (230, 200, 0), (140, 140, 140))
 IGNORE_COLOUR = (205, 205, 205)
 
-# 80-120 px/m is a 150 dpi sheet drawn at 1:50-1:75. With walls of 0.15-0.45 m every wall is
-# >= 12 px thick and doors/windows (>= 0.6 m wide, wall-thick) span >= 12 x 48 px, so a 16 px
-# patch of a 224 tile can be mostly one element (at 7-50 px/m most elements were thinner than
-# a patch and the patch-level probe ceiling collapsed).
-DEFAULT_PX_PER_M = (80.0, 120.0)
-SHEET_LONG_SIDE = (1500, 2100)  # ~A3 at 150 dpi: cheap to render, ~45 disjoint 224 px tiles a sheet
 INK_THRESHOLD = 192  # gray poche (110-170) counts as ink, scanner paper tone (>= 230) does not
 MIN_INK = 0.02
 SHEET_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pdf")
@@ -1448,9 +1426,8 @@ def _worker_init(_):
 
 
 class DataWait:
-    """Seconds the training loop spent waiting for batches since the last `take()`: the
-    data_ms_per_step of the log lines (near 0 when the workers keep up; close to ms_per_step
-    when they starve the accelerator)."""
+    """Seconds the training loop waited for batches since the last `take()`: data_ms_per_step in
+    the logs (near 0 when the workers keep up, near ms_per_step when they starve the GPU)."""
     seconds = 0.0
 
     @classmethod
@@ -1466,15 +1443,11 @@ class TimedLoader:
         self.loader = loader
 
     def __iter__(self):
-        it = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
+        it, t0 = iter(self.loader), time.perf_counter()
+        for batch in it:
             DataWait.seconds += time.perf_counter() - t0
             yield batch
+            t0 = time.perf_counter()
 
 
 def make_loader(dataset, batch_size, *, start=0, rank=0, world_size=1, num_workers=2, seed=0):

@@ -7,8 +7,8 @@ fills the grid with a shared mask token and regresses the pixels of the removed 
 normalised per patch (norm_pix_loss). The encoder is the backbone that gets evaluated.
 
 Commands:
-  CPU, tiny (~0.8-1 s/step on an idle 2-core x86 CPU; with the probe, the quickstart's main job,
-  about 22 min; results/probe_tiny_mae.md):
+  CPU, tiny (~0.85 s/step on a 2-core x86 CPU: 17 min; with the probe, the quickstart's main job,
+  21 min from a fresh clone; results/probe_tiny_mae.md):
                                         python mae.py --preset tiny
   one GPU, ViT-S:                       torchrun --standalone --nproc_per_node=1 mae.py --preset small --data DIR
   8 GPUs, ViT-B:                        torchrun --standalone --nproc_per_node=8 mae.py --preset base --data DIR

@@ -9,7 +9,7 @@ optional scan realism (tilt, faded toner, speckle, paper tone) is applied last.
 `common.open_sheets("synthetic", ...)` and the probe (`synthetic_probe_set`) reach this module (they
 import it lazily, so training on a folder of real sheets needs only common.py and a recipe). The
 data contract lives in common: class ids are indices into `common.CLASSES` (label = footprint,
-later drawing overwrites earlier, see the comment there), `sheet_type` indexes
+later drawing overwrites earlier, see the comment below), `sheet_type` indexes
 `common.SHEET_TYPES`, ink is `image < common.INK_THRESHOLD` before scan noise, and sheets are the
 same dicts that `common.FolderSheets` returns, with `label` and `ink` filled in.
 """
@@ -22,8 +22,32 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from common import (ANNO, BG, DEFAULT_PX_PER_M, DIM, DOOR, FIXTURE, INK_THRESHOLD, SHEET_LONG_SIDE, SHEET_TYPES,
-                    STAIR, TEXT, WALL, WINDOW, _region, cut_region)
+from common import (ANNO, BG, DIM, DOOR, FIXTURE, INK_THRESHOLD, SHEET_TYPES, STAIR, TEXT, WALL, WINDOW, _region,
+                    cut_region)
+
+
+# Labels are FOOTPRINTS, not ink, so that the majority label of a 16 px patch means something:
+#   wall       cut walls and columns incl. their poche/hatch; cut slabs and roofs in sections,
+#              facade outlines in elevations; cut construction layers in details.
+#   door       plan: wall opening + leaf + swing area; door elevations; door frames in details.
+#   window     plan: the window's stretch of wall; window elevations; frame profiles in details.
+#   stair      the whole flight: treads, outline, direction arrow, handrail in section.
+#   fixture    bounding box of sanitary fixtures, kitchen counters and furniture.
+#   dimension  the strip of a dimension string (line, ticks, numbers), its extension lines,
+#              level marks.
+#   text       box of every free text: room names, areas, notes, titles, title-block and table
+#              entries.
+#   annotation everything else that is drawn: grid lines and bubbles, section/detail callouts,
+#              leaders, north arrow, hatches outside walls (terraces, earth), overhang and
+#              break lines, the border, title-block and table rules.
+# Later elements overwrite earlier labels, so draw order is label priority.
+
+# 80-120 px/m is a 150 dpi sheet drawn at 1:50-1:75. With walls of 0.15-0.45 m every wall is
+# >= 12 px thick and doors/windows (>= 0.6 m wide, wall-thick) span >= 12 x 48 px, so a 16 px
+# patch of a 224 tile can be mostly one element (at 7-50 px/m most elements were thinner than
+# a patch and the patch-level probe ceiling collapsed).
+DEFAULT_PX_PER_M = (80.0, 120.0)
+SHEET_LONG_SIDE = (1500, 2100)  # ~A3 at 150 dpi: cheap to render, ~45 disjoint 224 px tiles a sheet
 
 
 # ----------------------------------------------------------------------------- drawing kit

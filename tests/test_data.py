@@ -11,11 +11,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (  # noqa: E402
-    CLASSES, DEFAULT_PX_PER_M, SHEET_EXTENSIONS, SHEET_TYPES, FolderSheets, InfiniteSampler, TileDataset,
+    CLASSES, SHEET_EXTENSIONS, SHEET_TYPES, FolderSheets, InfiniteSampler, TileDataset,
     cut_region, make_loader, multi_crop, open_sheets, random_crop, to_grayscale,
 )
 from eval_probe import load_labeled_folder  # noqa: E402
-from sheetgen import SyntheticSheets, render_sheet, synthetic_probe_set  # noqa: E402
+from sheetgen import DEFAULT_PX_PER_M, SyntheticSheets, render_sheet, synthetic_probe_set  # noqa: E402
 
 INK_CLASSES = range(1, len(CLASSES))
 

@@ -300,3 +300,19 @@ def test_log_lines_carry_an_eta_and_no_progress_bar_in_a_log_file(tmp_path):
     assert len(lines) == 4 and all(" | eta " in line for line in lines) and lines[-1].endswith("| eta 0s")
     assert "\r" not in res.stderr + res.stdout
     assert common.duration(5.4) == "5s" and common.duration(725) == "12m05s" and common.duration(11220) == "3h07m"
+
+
+def test_log_lines_reach_a_log_file_while_the_run_goes_on(tmp_path):
+    """Written to a pipe or file, each log line is flushed when logged, not when the run ends."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, TOY, "--out_dir", str(tmp_path), "--steps", "3", "--sleep", "3"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        while not line.startswith("step 1/3"):
+            line = proc.stdout.readline()
+            assert line, "the run ended without logging step 1"
+        arrived = time.time()
+    finally:
+        proc.wait(timeout=120)
+    assert time.time() - arrived > 4  # it came before steps 2 and 3 (3 s of sleep each) had run
