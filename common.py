@@ -557,7 +557,7 @@ class TrainConfig:
     """Fields every recipe has (the one command-line contract). Recipes subclass this with
     their own flat, commented fields; the comment after each field is its --help text."""
     preset: str = "tiny"  # tiny (2-core CPU, minutes) | small (ViT-S, GPUs) | base (ViT-B, GPUs)
-    data: str = "synthetic"  # "synthetic" (the generator), or a folder or file of sheets (PNG/JPEG/TIFF/BMP/WebP/PDF)
+    data: str = "synthetic"  # "synthetic" (the generator), a folder or file of sheets (PNG/JPEG/TIFF/BMP/WebP/PDF), or a mix: synthetic@3+DIR@1
     out_dir: str = ""  # run directory
     steps: int = 1000  # optimisation steps
     init: str = ""  # start the backbone from this checkpoint (this project's, official DINOv3 .pth): continual pretraining
@@ -657,6 +657,15 @@ def config_problems(cfg) -> list[str]:
 def check_data(data: str) -> str | None:
     """Why --data cannot be trained on, in one line naming it (None: it can): "synthetic", one sheet
     file, or a folder holding at least one (searched recursively)."""
+    mix = split_mix(data)
+    if mix:
+        for name, w in mix:
+            if not (w > 0 and math.isfinite(w)):
+                return f"--data {data}: the weight of {name!r} must be a positive number (SOURCE@WEIGHT)"
+            problem = check_data(name) if name else f"--data {data}: an empty source between '+' signs"
+            if problem:
+                return problem
+        return None
     if data == "synthetic":
         return None
     p, accepted = Path(data), ", ".join(SHEET_EXTENSIONS)
@@ -1266,8 +1275,44 @@ class FolderSheets:
         raise RuntimeError(f"no readable sheet left in {self.root}")
 
 
+def split_mix(data: str) -> list[tuple[str, float]] | None:
+    """`--data A@w+B@w` -> [(A, w), (B, w)] (weights optional, default 1); None for one source.
+    An existing path is one source even if its name holds '+'."""
+    if data == "synthetic" or "+" not in data or Path(data).exists():
+        return None
+    out = []
+    for part in data.split("+"):
+        name, _, w = part.rpartition("@") if "@" in part else (part, "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        out.append((name, weight))
+    return out
+
+
+class MixedSheets:
+    """Sheets drawn from several sources (`--data synthetic@3+DIR@1`): sheet k comes from source j
+    with probability weight_j / sum(weights), j = rng(seed, "mix", k); that source's own sheet k
+    is returned, so the stream stays a pure function of (seed, split, k)."""
+
+    def __init__(self, sources, weights, *, seed=0):
+        self.sources, self.seed = list(sources), int(seed)
+        w = np.asarray(weights, float)
+        self.p = w / w.sum()
+
+    def get_sheet(self, k):
+        j = int(np.random.default_rng([self.seed, zlib.crc32(b"mix"), int(k)]).choice(len(self.sources), p=self.p))
+        return self.sources[j].get_sheet(k)
+
+
 def open_sheets(data, *, seed, split="train", dpi=150, **kw):
-    """The sheet source for a --data argument: "synthetic" or a folder."""
+    """The sheet source for a --data argument: "synthetic", a folder or file of sheets, or a mix
+    of those joined by '+' with optional weights (`synthetic@3+DIR@1`: 3 synthetic sheets per real one)."""
+    mix = split_mix(data)
+    if mix:
+        return MixedSheets([open_sheets(name, seed=seed, split=split, dpi=dpi, **kw) for name, _ in mix],
+                           [w for _, w in mix], seed=seed)
     if data == "synthetic":
         import sheetgen  # lazily: training on a folder needs no generator
         return sheetgen.SyntheticSheets(seed=seed, split=split, **kw)

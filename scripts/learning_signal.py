@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 PER_RECIPE = {
-    "mae": ["loss", "trivial"],
+    "mae": ["loss", "trivial", "loss_pix", "trivial_pix", "loss_stats"],  # the last three with --stats_weight
     "ijepa": ["loss", "trivial", "pred_std", "target_std"],
     "capi": ["loss", "trivial", "target_entropy", "prototypes_in_use"],
     "ibot_dino": ["dino", "ibot", "teacher_entropy", "batch_entropy", "kl"],
@@ -57,6 +57,8 @@ def signal(run_dir: Path, first: int = 100, last: int = 200) -> dict:
     cells = [f"{k} {a.get(k, float('nan')):.3g} -> {b[k]:.3g}" for k in keys if k in b]  # e.g. no ibot in dino
     if "trivial" in b:
         cells.append(f"loss / trivial (last {last}) {b['loss'] / b['trivial']:.2f}")
+    if "trivial_pix" in b:
+        cells.append(f"pixels / trivial (last {last}) {b['loss_pix'] / b['trivial_pix']:.2f}")
     if "n_prototypes" in cfg and recipe in ("ibot_dino", "dinov3_gram", "capi"):
         cells.append(f"ln K {math.log(cfg['n_prototypes']):.2f}")
     return dict(recipe=recipe, variant=cfg.get("variant"), steps=end, first=a, last=b, summary="; ".join(cells))

@@ -377,3 +377,38 @@ def test_loader_workers_match_single_process():
     for _ in range(3):
         a, b = next(ref), next(par)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+
+
+# ------------------------------------------------------------------------------ mixed sources
+
+def test_mixed_sources_follow_their_weights_and_are_deterministic(tmp_path):
+    from common import MixedSheets, check_data, split_mix
+    _good_png(tmp_path / "real.png")
+    assert split_mix("synthetic") is None and split_mix(str(tmp_path)) is None
+    assert split_mix(f"synthetic@3+{tmp_path}@1") == [("synthetic", 3.0), (str(tmp_path), 1.0)]
+    assert split_mix(f"synthetic+{tmp_path}") == [("synthetic", 1.0), (str(tmp_path), 1.0)]
+    src = open_sheets(f"synthetic@3+{tmp_path}@1", seed=0)
+    assert isinstance(src, MixedSheets)
+    names = [src.get_sheet(k)["name"] for k in range(400)]
+    real = sum(n == "real.png" for n in names)
+    assert 70 <= real <= 130  # 1 in 4 of 400 sheets: 100 expected, binomial sd 8.7
+    # the synthetic ones are the generator's own sheet k, and the stream is a function of (seed, k)
+    k = next(k for k, n in enumerate(names) if n != "real.png")
+    assert names[k] == f"synthetic/train/0/{k}"
+    assert [open_sheets(f"synthetic@3+{tmp_path}@1", seed=0).get_sheet(j)["name"] for j in range(50)] == names[:50]
+    # a weight of 0 for the generator leaves only the folder
+    assert check_data(f"synthetic@0+{tmp_path}") is not None
+
+
+def test_mixed_source_errors_name_the_bad_part(tmp_path):
+    from common import check_data
+    _good_png(tmp_path / "real.png")
+    assert check_data(f"synthetic+{tmp_path}") is None
+    assert "nope" in check_data(f"synthetic+{tmp_path}/nope")
+    assert "positive number" in check_data(f"synthetic@x+{tmp_path}")
+    assert "empty source" in check_data(f"synthetic++{tmp_path}")
+    # a folder whose own name holds '+' is one source
+    plus = tmp_path / "a+b"
+    plus.mkdir()
+    _good_png(plus / "s.png")
+    assert check_data(str(plus)) is None and open_sheets(str(plus), seed=0).get_sheet(0)["name"] == "s.png"

@@ -1,8 +1,13 @@
 """MAE essentials against hand-computed values."""
 import math
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import common
 import mae
@@ -42,6 +47,45 @@ def test_norm_pix_targets_hand_values():
     # patch [1, 3]: mean 2, unbiased var 2 -> -+1/sqrt(2); a flat patch -> all zeros
     assert t[0, 0].tolist() == pytest.approx([-1 / math.sqrt(2 + 1e-6), 1 / math.sqrt(2 + 1e-6)])
     assert t[0, 1].tolist() == [0.0, 0.0]
+
+
+def test_patch_stats_targets_hand_values():
+    # patches: black [0, 0], blank [1, 1], grey [0, 1] (not in the loss: weight 0)
+    pixels = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+    t = mae.patch_stats_targets(pixels, torch.tensor([[1.0, 1.0, 0.0]]))
+    # means over the weighted patches: mean 0.5, variance 0.25 -> -1, +1, and the grey one 0
+    assert t[0, :, 0].tolist() == pytest.approx([-1.0, 1.0, 0.0], abs=1e-5)
+    # stds 1e-3, 1e-3 (flat: sqrt(0 + 1e-6)) -> both at the weighted mean: 0; the grey patch's
+    # std sqrt(0.5) lies (sqrt(0.5) - 1e-3) / sqrt(0 + 1e-6) above it
+    assert t[0, :2, 1].tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert t[0, 2, 1].item() == pytest.approx((math.sqrt(0.5) - 1e-3) / 1e-3, rel=1e-4)
+    # norm_pix makes the black and the blank patch the same target; the stats do not
+    flat = mae.patch_targets(pixels[:, :2], norm_pix=True)
+    assert torch.equal(flat[0, 0], flat[0, 1]) and t[0, 0, 0] != t[0, 1, 0]
+
+
+def _stats_worker(rank, port, out_dir, pixels, weight, counts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    start = sum(counts[:rank])
+    sl = slice(start, start + counts[rank])
+    torch.save(mae.patch_stats_targets(pixels[sl], weight[sl]), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_patch_stats_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
+    torch.manual_seed(0)
+    pixels, weight, counts = torch.rand(5, 6, 16), (torch.rand(5, 6) < 0.7).float(), (2, 3)
+    pixels[:2] *= 0.2  # ranks see different statistics: the reduction matters
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stats_worker, args=(port, str(tmp_path), pixels, weight, counts), nprocs=2)
+    two = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
+    ref = mae.patch_stats_targets(pixels, weight)
+    assert torch.allclose(two, ref, atol=1e-5)
+    alone = torch.cat([mae.patch_stats_targets(pixels[:2], weight[:2]), mae.patch_stats_targets(pixels[2:], weight[2:])])
+    assert not torch.allclose(alone, ref, atol=1e-2)
 
 
 def test_encoder_receives_only_visible_tokens():
@@ -99,6 +143,18 @@ def test_cli_smoke_resume_and_two_processes(tmp_path):
     assert [r["loss"] for r in losses(part)] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
     # continual pretraining from the exported backbone, on two gloo processes
     two = tmp_path / "two"
-    run_mae(["--steps", "2", "--out_dir", str(two), "--init", str(ref / "backbone.safetensors")], nproc=2)
-    assert len(losses(two)) == 2
+    # (with the patch-statistics targets, on a mix of the generator and a folder of sheets)
+    from PIL import Image, ImageDraw
+    folder = tmp_path / "sheets"
+    folder.mkdir()
+    im = Image.new("L", (300, 300), 255)
+    ImageDraw.Draw(im).rectangle((40, 40, 250, 200), outline=0, width=9)
+    im.save(folder / "plan.png")
+    run_mae(["--steps", "2", "--out_dir", str(two), "--init", str(ref / "backbone.safetensors"),
+             "--stats_weight", "1", "--data", f"synthetic+{folder}"], nproc=2)
+    rows = losses(two)
+    assert len(rows) == 2
+    # loss = pixel part + stats part, and the trivial level counts the stats' 1
+    assert all(r["loss"] == pytest.approx(r["loss_pix"] + r["loss_stats"], rel=1e-4) for r in rows)
+    assert all(r["trivial_pix"] + 0.5 < r["trivial"] <= r["trivial_pix"] + 1.0 + 1e-4 for r in rows)
     assert (two / "backbone.safetensors").is_file()
