@@ -84,10 +84,11 @@ class DINOConfig(common.TrainConfig):
     variant: str = "dinov2"  # dino | ibot | dinov2: which losses (see the header)
     # views: scales are crop-side factors relative to native pixels (2 = a region twice the side, downsampled)
     tile_size: int = 448  # side (native pixels) of the sheet tile that all crops of one sample come from
-    global_size: int = 224  # global crop side in pixels (multiple of 16); teacher and student
+    patch_size: int = 16  # backbone patch side in pixels (16: DINOv3's; a fresh backbone only, --init keeps its own)
+    global_size: int = 224  # global crop side in pixels (multiple of the patch size); teacher and student
     global_scale: tuple = (1.0, 2.0)  # side-factor range of the global crops
     n_local: int = 8  # local crops per image (student only)
-    local_size: int = 96  # local crop side in pixels (multiple of 16)
+    local_size: int = 96  # local crop side in pixels (multiple of the patch size)
     local_scale: tuple = (0.5, 1.5)  # side-factor range of the local crops
     min_ink: float = 0.02  # resample crops with less ink than this fraction (0: off)
     line_weight: float = 0.5  # probability of thickening or thinning a crop's strokes (replaces blur)
@@ -437,14 +438,17 @@ def main(argv=None):
     cfg = common.parse_config(DINOConfig, PRESETS, "ibot_dino", argv, __doc__)
     if cfg.variant not in VARIANTS:
         raise SystemExit(f"unknown --variant {cfg.variant!r}; choose from {VARIANTS}")
-    if cfg.n_local < 1 or cfg.global_size % 16 or cfg.local_size % 16:
-        raise SystemExit("need n_local >= 1 and crop sizes that are multiples of 16")
     run = common.Run(cfg, "ibot_dino")
     dev = run.device
     use_ibot, use_sk = cfg.variant in ("ibot", "dinov2"), cfg.variant == "dinov2"
     arch_kw = dict(drop_path_rate=cfg.drop_path, rope_rescale=cfg.rope_rescale or None)
     backbone = (common.load_backbone(cfg.init, **arch_kw) if cfg.init
-                else common.vit(cfg.arch, layerscale_init=cfg.layerscale_init or None, **arch_kw))
+                else common.vit(cfg.arch, patch_size=cfg.patch_size, layerscale_init=cfg.layerscale_init or None,
+                                **arch_kw))
+    patch = backbone.patch_size
+    if cfg.n_local < 1 or cfg.global_size % patch or cfg.local_size % patch:
+        raise SystemExit(f"need n_local >= 1 and crop sizes that are multiples of the backbone's {patch} px patches"
+                         f" (--global_size {cfg.global_size}, --local_size {cfg.local_size})")
     if use_ibot and not backbone.mask_token.any():
         # RoPE adds no position to the input, so a zero mask token (the official init) enters every
         # block as an exact zero vector, whose LayerNorm gradient (~1/sqrt(eps)) swamps all others
@@ -473,7 +477,7 @@ def main(argv=None):
     fixed_tiles = torch.stack([tiles[i]["image"] for i in range(16)]).to(dev)  # (16, 1, 224, 224)
     cls_patch_cos = run.extra["cls_patch_cos"].to(dev) if "cls_patch_cos" in run.extra else None
     lr_peak = cfg.blr * cfg.batch_size / 256
-    grid = cfg.global_size // 16
+    grid = cfg.global_size // patch
     ln_k = math.log(cfg.n_prototypes)
 
     for step in range(start, cfg.steps):

@@ -79,7 +79,8 @@ import common
 
 @dataclasses.dataclass
 class IJEPAConfig(common.TrainConfig):
-    img_size: int = 224  # training crop side in pixels (multiple of 16)
+    patch_size: int = 16  # backbone patch side in pixels (16: DINOv3's; a fresh backbone only, --init keeps its own)
+    img_size: int = 224  # training crop side in pixels (multiple of the patch size)
     rope_rescale: float = 0.0  # RoPE coordinate jitter of the context encoder, s in [1/r, r] (0: off)
     n_targets: int = 4  # target blocks per image
     target_scale: tuple = (0.15, 0.2)  # target block area as a fraction of the grid
@@ -318,10 +319,14 @@ def make_view(cfg: IJEPAConfig):
 def main(argv=None):
     cfg = common.parse_config(IJEPAConfig, PRESETS, "ijepa", argv, __doc__)
     run = common.Run(cfg, "ijepa")
-    dev, p = run.device, 16
+    dev = run.device
     rope_rescale = cfg.rope_rescale or None
     encoder = (common.load_backbone(cfg.init, rope_rescale=rope_rescale) if cfg.init
-               else common.vit(cfg.arch, rope_rescale=rope_rescale, layerscale_init=cfg.layerscale_init))
+               else common.vit(cfg.arch, patch_size=cfg.patch_size, rope_rescale=rope_rescale,
+                               layerscale_init=cfg.layerscale_init))
+    p = encoder.patch_size
+    if cfg.img_size % p:
+        raise SystemExit(f"--img_size {cfg.img_size} is not a multiple of the backbone's {p} px patches")
     predictor = Predictor(encoder.embed_dim, encoder.n_prefix, dim=cfg.pred_dim, depth=cfg.pred_depth,
                           heads=cfg.pred_heads)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False).eval()  # eval: no RoPE jitter

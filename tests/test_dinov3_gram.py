@@ -259,3 +259,14 @@ def test_two_process_smoke(tmp_path):
     m = metrics(tmp_path)
     assert sorted(m) == [1, 2] and m[2]["gram"] > 0
     common.load_backbone(str(tmp_path / "backbone.safetensors"))
+
+
+def test_patch_size_8_runs_with_the_gram_teacher_and_bad_crops_fail(tmp_path):
+    res = run_cli(["--patch_size", "8", "--global_size", "32", "--local_size", "16", "--steps", "3", "--gram_start", "1",
+                   "--gram_ramp_steps", "1", "--out_dir", str(tmp_path / "p8")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(tmp_path / "p8")
+    assert sorted(m) == [1, 2, 3] and m[3]["gram"] >= 0 and math.isfinite(m[3]["loss"])
+    assert common.load_backbone(str(tmp_path / "p8" / "backbone.safetensors")).patch_size == 8
+    bad = run_cli(["--patch_size", "8", "--local_size", "20", "--steps", "1", "--out_dir", str(tmp_path / "bad")])
+    assert bad.returncode != 0 and "multiples of the backbone's 8 px patches" in bad.stderr

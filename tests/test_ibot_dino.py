@@ -261,3 +261,26 @@ def test_two_process_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(metrics(tmp_path)) == [1, 2]
     common.load_backbone(str(tmp_path / "backbone.safetensors"))
+
+
+def test_patch_size_sets_the_grid_of_backbone_and_masks_and_bad_crops_fail(tmp_path):
+    res = run_cli(["--variant", "ibot", "--patch_size", "8", "--global_size", "32", "--local_size", "16", "--steps", "2",
+                   "--out_dir", str(tmp_path / "p8")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(tmp_path / "p8")
+    assert sorted(m) == [1, 2] and all(math.isfinite(r["ibot"]) for r in m.values())
+    b = common.load_backbone(str(tmp_path / "p8" / "backbone.safetensors"))
+    assert b.patch_size == 8 and b(torch.zeros(1, 3, 32, 32))["grid"] == (4, 4)
+    bad = run_cli(["--patch_size", "8", "--global_size", "36", "--steps", "1", "--out_dir", str(tmp_path / "bad")])
+    assert bad.returncode != 0 and "multiples of the backbone's 8 px patches" in bad.stderr
+
+
+def test_tiny_preset_resolution_and_explicit_flags_win():
+    cfg = common.parse_config(ibot_dino.DINOConfig, ibot_dino.PRESETS, "ibot_dino", ["--preset", "tiny"])
+    tiny = ibot_dino.PRESETS["tiny"]
+    assert cfg.patch_size == tiny.get("patch_size", 16) and cfg.global_size % cfg.patch_size == 0
+    assert cfg.local_size % cfg.patch_size == 0 and cfg.n_prototypes == tiny["n_prototypes"]
+    cfg = common.parse_config(ibot_dino.DINOConfig, ibot_dino.PRESETS, "ibot_dino",
+                              ["--preset", "tiny", "--patch_size", "16", "--global_size", "96"])
+    assert (cfg.patch_size, cfg.global_size) == (16, 96)
+    assert common.parse_config(ibot_dino.DINOConfig, ibot_dino.PRESETS, "ibot_dino", ["--preset", "small"]).patch_size == 16

@@ -288,3 +288,15 @@ def test_two_gloo_processes_train_and_export(tmp_path):
     assert [r["momentum"] for r in logged] == pytest.approx([0.996, 0.996 + 0.004 / 3, 0.996 + 0.008 / 3])
     model = common.load_backbone(str(tmp_path / "backbone.safetensors"))
     assert model.embed_dim == 192
+
+
+def test_patch_size_sets_the_grid_and_a_bad_crop_fails(tmp_path):
+    run_cli(["--patch_size", "8", "--img_size", "48", "--steps", "2", "--out_dir", str(tmp_path / "p8")])
+    logged = metrics(tmp_path / "p8")
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(r["context_tokens"] + r["target_tokens"] <= 36 for r in logged)  # a 6 x 6 grid
+    b = common.load_backbone(str(tmp_path / "p8" / "backbone.safetensors"))
+    assert b.patch_size == 8
+    bad = run_recipe("ijepa.py", FAST + ["--patch_size", "8", "--img_size", "52", "--steps", "1", "--out_dir",
+                                         str(tmp_path / "bad")], check=False)
+    assert bad.returncode != 0 and "not a multiple of the backbone's 8 px patches" in bad.stderr

@@ -190,3 +190,27 @@ def test_backbone_safetensors_round_trip(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(m(x)["patches"], m2(x)["patches"])
     assert m2.n_registers == 2
+
+
+def test_patch8_grid_rope_and_round_trip(tmp_path):
+    """The teaching presets' patch 8: a 64 px crop is an 8 x 8 grid whose RoPE coordinates are
+    the grid's own (normalised per grid, so a 224 px probe tile is 28 x 28 on the same (-1, 1)
+    span), each token embeds exactly its 8 x 8 pixels, and the architecture survives export."""
+    m = tiny_vit(depth=0, patch_size=8)
+    x = torch.zeros(1, 3, 64, 64)
+    x[0, :, 8:16, 16:24] = 1.0  # only patch (row 1, col 2) = token 1 * 8 + 2 = 10 differs
+    out = m(x)
+    assert out["grid"] == (8, 8) and out["patches"].shape == (1, 64, 32)
+    tok = m.patch_embed(x)[0]
+    base = m.patch_embed.proj.bias
+    changed = [i for i in range(64) if not torch.allclose(tok[i], base, atol=1e-6)]
+    assert changed == [10]
+    c = grid_coords(8, 8)
+    assert torch.allclose(c[0], torch.tensor([-0.875, -0.875])) and torch.allclose(c[10], torch.tensor([-0.625, -0.375]))
+    assert m(torch.zeros(1, 3, 224, 224))["grid"] == (28, 28)
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        m(torch.zeros(1, 3, 60, 64))
+    common.save_backbone(m, tmp_path / "b.safetensors")
+    back = load_backbone(str(tmp_path / "b.safetensors"))
+    assert back.patch_size == 8 and back.patch_embed.proj.weight.shape[-2:] == (8, 8)
+    assert torch.allclose(back.eval()(x)["patches"], out["patches"], atol=1e-6)
