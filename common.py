@@ -16,11 +16,13 @@ Sections, in order:
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import io
 import json
 import math
+import multiprocessing.util  # its exit handler must be registered before _kill_workers_at_exit
 import os
 import platform
 import re
@@ -1470,6 +1472,18 @@ def _worker_init(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit():
+    """Because workers ignore SIGTERM, multiprocessing's exit handler (terminate, then join) would
+    wait forever for the persistent workers of a loader that an uncaught exception keeps alive (a
+    bad sheet in a worker, an error in the step): the job would hang instead of failing. Runs
+    before that handler (atexit is last-in, first-out) and kills them, quietly: torch's SIGCHLD
+    handler would report each killed worker as a second error after the real one."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+
+
 class DataWait:
     """Seconds the training loop waited for batches since the last `take()`: data_ms_per_step in
     the logs (near 0 when the workers keep up, near ms_per_step when they starve the GPU)."""
@@ -1499,6 +1513,9 @@ def make_loader(dataset, batch_size, *, start=0, rank=0, world_size=1, num_worke
     """Infinite DataLoader over a TileDataset for one rank; resume with start = step * batch_size *
     world_size. Items are deterministic in (dataset seed, index), so worker count and timing do
     not change the data; `seed` only seeds torch's worker RNG for views that use torch randomness."""
+    if num_workers > 0 and not getattr(_kill_workers_at_exit, "registered", False):
+        atexit.register(_kill_workers_at_exit)  # after multiprocessing.util's handler, so it runs first
+        _kill_workers_at_exit.registered = True
     return TimedLoader(torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers,
         sampler=InfiniteSampler(start, rank, world_size, block=batch_size),

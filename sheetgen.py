@@ -174,7 +174,7 @@ def hatch(canvas, rng, box, spacing, kind):
     if kind in ("dots", "concrete", "earth"):
         n = int((x1 - x0) * (y1 - y0) / (spacing * spacing) * 3)
         canvas.draw.point(list(zip(rng.uniform(x0, x1, n), rng.uniform(y0, y1, n))), fill=0)
-    if kind == "concrete":
+    if kind == "concrete" and x1 - x0 >= 8 and y1 - y0 >= 8:  # aggregate triangles 4 px inside the box
         for x, y in zip(rng.uniform(x0 + 4, x1 - 4, n // 8), rng.uniform(y0 + 4, y1 - 4, n // 8)):
             a = rng.uniform(0, 2 * math.pi)
             canvas.draw.polygon([(x + 4 * math.cos(a + k * 2.1), y + 4 * math.sin(a + k * 2.1)) for k in range(3)],

@@ -316,3 +316,30 @@ def test_log_lines_reach_a_log_file_while_the_run_goes_on(tmp_path):
     finally:
         proc.wait(timeout=120)
     assert time.time() - arrived > 4  # it came before steps 2 and 3 (3 s of sleep each) had run
+
+
+_CRASH = """
+import sys, torch, common
+class Sheets(torch.utils.data.Dataset):
+    def __len__(self): return 10 ** 6
+    def __getitem__(self, i):
+        if sys.argv[1] == "worker" and i >= 40:
+            raise ValueError(f"bad sheet {i}")
+        return torch.zeros(1)
+for step, batch in enumerate(common.make_loader(Sheets(), 4, num_workers=1)):
+    if sys.argv[1] == "step" and step == 3:
+        raise RuntimeError("error in the step")
+"""
+
+
+@pytest.mark.parametrize("where,message", [("worker", "bad sheet 40"), ("step", "error in the step")])
+def test_an_error_fails_the_run_instead_of_hanging_on_its_data_workers(tmp_path, where, message):
+    """Workers ignore SIGTERM (so a scheduler's signal reaches the checkpointing main process
+    first); an uncaught error must still end the process, with the real error as the only one."""
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASH)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(script), where], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert "killed by signal" not in res.stderr

@@ -87,3 +87,15 @@ def test_synthetic_probe_set_matches_the_recorded_hash():
 
 def test_open_sheets_synthetic_is_the_generator():
     assert isinstance(common.open_sheets("synthetic", seed=0), sheetgen.SyntheticSheets)
+
+
+@pytest.mark.parametrize("box", [(10, 10, 60, 15), (10, 10, 15, 60), (10, 10, 60, 60)])
+def test_concrete_hatch_fits_any_box(box):
+    """Concrete = dots + aggregate triangles 4 px inside the box: a box under 8 px on a side (a
+    thin slab in a detail) gets the dots only instead of failing the sheet's render."""
+    canvas = sheetgen.Canvas(80, 80)
+    sheetgen.hatch(canvas, np.random.default_rng(0), box, 6, "concrete")
+    ink = np.asarray(canvas.image) == 0
+    x0, y0, x1, y1 = box
+    assert ink.any() and not ink[:y0].any() and not ink[:, :x0].any()
+    assert not ink[y1 + 4:].any() and not ink[:, x1 + 4:].any()
