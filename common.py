@@ -926,6 +926,24 @@ def save_checkpoint(out_dir: str | Path, step: int, models: dict[str, nn.Module]
     barrier()
 
 
+def drop_metrics_after(path: Path, step: int):
+    """On resume, drop the metrics.jsonl lines a stopped run logged after its last checkpoint (and
+    a line cut off by a crash): the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoint"
     if not (root / "latest").is_file():
@@ -1027,6 +1045,8 @@ class Run:
                 raise SystemExit(f"--resume: no checkpoint in {self.out_dir}/checkpoint")
             state = load_checkpoint(ckpt, models, optimizers)
             self.start_step, self.extra = state["step"], state["extra"]
+            if self.dist.is_main:
+                drop_metrics_after(self.out_dir / "metrics.jsonl", self.start_step)
             print0(f"[{self.recipe}] resumed from {ckpt} at step {self.start_step}")
         return self.start_step
 

@@ -343,3 +343,12 @@ def test_an_error_fails_the_run_instead_of_hanging_on_its_data_workers(tmp_path,
     assert res.returncode != 0
     assert message in res.stderr
     assert "killed by signal" not in res.stderr
+
+
+def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30, 40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 50, "lo')  # cut off by a crash
+    common.drop_metrics_after(path, 20)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    common.drop_metrics_after(tmp_path / "absent.jsonl", 20)  # a fresh run dir: nothing to do
