@@ -1,5 +1,5 @@
 """The glue scripts: FLOP counting (bench.py), the bake-off's budget and table (bakeoff.py),
-and the learning-signal summary, on hand-made inputs."""
+the learning-signal summary and the export of intermediate checkpoints, on hand-made inputs."""
 import json
 import math
 import sys
@@ -14,6 +14,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import bakeoff  # noqa: E402
 import bench  # noqa: E402
+import export_step  # noqa: E402
 import learning_signal  # noqa: E402
 
 
@@ -127,3 +128,50 @@ def test_bakeoff_a_stopped_run_is_not_finished(tmp_path):
     (run / "checkpoint" / "latest").write_text("step_0000420")
     (run / "backbone.safetensors").write_bytes(b"")  # a stop exports the backbone too
     assert not bakeoff.finished(run, 1500) and bakeoff.finished(run, 420)
+
+
+def _fake_run(tmp_path, same=False):
+    """A run dir as the recipes leave it: checkpoints holding a student and an EMA teacher, and
+    backbone.safetensors = the teacher at the last step."""
+    import common
+    run = tmp_path / "run"
+    arch = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, n_registers=1)
+    teachers = {}
+    for step in (2, 4):
+        torch.manual_seed(step)
+        student, teacher = common.ViT(**arch), common.ViT(**arch)
+        if same:
+            teacher.load_state_dict(student.state_dict())
+        teachers[step] = teacher
+        sd = {f"student.backbone.{k}": v for k, v in student.state_dict().items()}
+        sd.update({f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()})
+        d = run / "checkpoint" / f"step_{step:07d}"
+        d.mkdir(parents=True)
+        common.save_safetensors(sd, d / "weights.safetensors", metadata={"step": str(step)})
+        torch.save({"step": step}, d / "state.pt")
+    (run / "checkpoint" / "latest").write_text("step_0000004")
+    common.save_backbone(teachers[4], run / "backbone.safetensors", recipe="ibot_dino")
+    return run, teachers
+
+
+def test_export_step_finds_the_exported_model_and_writes_its_weights_at_that_step(tmp_path):
+    import common
+    run, teachers = _fake_run(tmp_path)
+    assert export_step.find_prefix(run) == "teacher.backbone."
+    export_step.main([str(run), "--step", "2"])
+    got = common.load_backbone(str(run / "s2.safetensors"))
+    want = teachers[2].state_dict()
+    assert set(got.state_dict()) == set(want)
+    assert all(torch.equal(got.state_dict()[k], want[k]) for k in want)
+    assert not torch.equal(got.state_dict()["cls_token"], teachers[4].state_dict()["cls_token"])
+
+
+def test_export_step_refuses_a_missing_step_and_an_ambiguous_prefix(tmp_path):
+    run, _ = _fake_run(tmp_path)
+    with pytest.raises(SystemExit, match="step_0000002.*step_0000004"):
+        export_step.main([str(run), "--step", "3"])
+    run2, _ = _fake_run(tmp_path / "b", same=True)  # student == teacher: the prefix is not determined
+    with pytest.raises(SystemExit, match="2 models"):
+        export_step.find_prefix(run2)
+    export_step.main([str(run2), "--step", "2", "--prefix", "student.backbone."])
+    assert (run2 / "s2.safetensors").is_file()
