@@ -87,11 +87,9 @@ Deviations from the paper and the official code (and why):
 - KoLeo is computed on each rank's own batch, as in the official code, so it is the one loss
   term that depends on the number of processes.
 - Tiny preset (CPU minutes): see PRESETS["tiny"]. `--patch_size 8` (fresh backbone) is measured,
-  not a preset: 400 steps (21 min) probed level with random init (same patch-8 architecture) on
-  the synthetic probe set and 71.8 vs 68.6 ± 1.2 on real plans (walls-fr-dev at scale 0.5)
-  (results/probe_tiny_teach_p8.md). For an hour (1,500 steps, Gram from step 1,125): 14.8 / 13.2 /
-  13.4 at 15 / 31 / 59 minutes on the synthetic set (random init 15.2) and 71.9 / 75.1 / 74.3 on
-  real plans, the teacher entropy falling 6.24 -> 5.57 (results/probe_tiny_teach_p8_curves.md).
+  not a preset: run for an hour (Gram from step 1,125 of 1,500) it stays 1.8 mIoU below random
+  init (same patch-8 architecture) on the synthetic probe set and beats it by 5.7 on real plans
+  (walls-fr-dev at scale 0.5) (results/probe_tiny_teach_p8_curves.md).
 """
 from __future__ import annotations
 

@@ -63,15 +63,10 @@ Deviations from the papers and the official code (and why):
 - Tiny preset (CPU minutes): see PRESETS["tiny"] for what it needed to leave the uniform
   teacher (ln K) within its budget.
 - `--patch_size 8` (fresh backbone; small-data ViT papers use patch 8 at 64 px) is measured, not a
-  preset: at the tiny crops it costs 2.5x more per image, and DINO with 1,024 prototypes probed
-  +0.2 over random init (same patch-8 architecture) after 20 minutes and -1.2 after 60 minutes
-  (results/probe_tiny_dino_patch8_curve.md). On real plans (walls-fr-dev, probed at scale 0.5)
-  the 20-minute patch-8 runs beat random init: iBOT 72.3 (two seeds) and DINO 71.0 vs 68.6 ± 1.2,
-  while level with it on the synthetic probe set (results/probe_tiny_teach_p8.md). iBOT for an
-  hour's steps (1,600, 55 minutes): 13.8 at 18, 37 and 55 minutes on the synthetic set (random
-  init 15.2) and 72.7 / 72.5 / 73.0 on real plans; DINOv2 for an hour (1,500 steps, 59 minutes):
-  13.6 / 13.3 / 13.5 at 22 / 42 / 59 minutes and 72.4 / 71.3 / 71.4 on real plans, its DINO loss
-  within 0.25 nats of ln K throughout (results/probe_tiny_teach_p8_curves.md).
+  preset: at the tiny crops it costs 2.5x more per image, and run for an hour DINO, iBOT and
+  DINOv2 stay 1.2-1.9 mIoU below random init (same patch-8 architecture) on the synthetic probe
+  set while beating it by 2.7-4.4 on real plans (walls-fr-dev at scale 0.5)
+  (results/probe_tiny_teach_p8_curves.md, results/probe_tiny_dino_patch8_curve.md).
 """
 from __future__ import annotations
 

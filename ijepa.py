@@ -66,9 +66,8 @@ Deviations from the paper and the official code (and why):
   (`--patch_size 8 --img_size 64 --ema_start 0.99 --pred_depth 2 --rope_rescale 4`, 1,400 steps,
   18 min) the loss ends 25% under predict-the-mean-target, the probe level with random init
   (same patch-8 architecture) on the synthetic probe set and 71.0 vs 68.6 ± 1.2 on real plans
-  (walls-fr-dev at scale 0.5) (results/probe_tiny_teach_p8.md). The same settings for 4,800 steps
-  (45 minutes): 13.3 / 13.9 / 14.2 at 16 / 31 / 45 minutes on the synthetic set (random init 15.2),
-  72.1 / 72.0 / 72.2 on real plans (results/probe_tiny_teach_p8_curves.md).
+  (walls-fr-dev at scale 0.5) (results/probe_tiny_teach_p8.md); 4,800 steps (45 minutes) end 1.0
+  below random init on the synthetic set and 3.6 above on real plans (results/probe_tiny_teach_p8_curves.md).
 """
 from __future__ import annotations
 
